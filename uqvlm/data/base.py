@@ -1,0 +1,59 @@
+"""The one dataset interface every source (shapes world, Hugging Face, folders, webdataset) implements."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+def fingerprint_of(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts, used in cache keys."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ZeroShotDataset(Dataset, ABC):
+    """Labelled images for zero-shot classification.
+
+    Items are ``(PIL.Image in RGB, int label)``; ``classnames[label]`` names the class and
+    ``templates`` are prompt templates with a ``{c}`` placeholder for the class name.
+    """
+
+    name: str
+    split: str
+    classnames: list[str]
+    templates: list[str]
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Everything that determines the items (source, revision, split, seed, size), hashed."""
+
+    def prompts(self) -> list[list[str]]:
+        """Per class, the prompts made from every template."""
+        return [[t.format(c=name) for t in self.templates] for name in self.classnames]
+
+
+class PairDataset(Dataset, ABC):
+    """Image-caption pairs (for Hessian estimation and pretraining). Items are ``(PIL.Image, str)``."""
+
+    name: str
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
