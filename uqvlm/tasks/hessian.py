@@ -1,0 +1,127 @@
+"""Hessian estimation: last-layer posteriors of both towers from image-caption pairs, cached on disk.
+
+Image side: sources are the images of a class batch, targets the captions of the same pairs; text
+side: the reverse (method.md section 3). The posterior state (factors or diagonals, without the prior
+precision, which is cheap to set later) is cached under a key of everything that determines it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build
+from uqvlm.console import console, progress
+from uqvlm.extraction import extract
+from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
+
+TOWERS = ("image", "text")
+
+
+def likelihood_of(vlm) -> str:
+    """SigLIP models carry a logit bias and are trained with the sigmoid loss; CLIP with InfoNCE."""
+    return "siglip" if vlm.logit_bias is not None else "infonce"
+
+
+def _heads(vlm) -> dict[str, Any]:
+    return {"image": vlm.image_head, "text": vlm.text_head}
+
+
+def _published_posteriors(hcfg: DictConfig, model: LoadedModel, structure: str) -> dict[str, Any]:
+    from uqvlm.laplace import KFACPosterior
+    from uqvlm.laplace.reference import load_published_factors
+
+    if structure != "kfac":
+        raise ValueError(
+            f"hessian_data=published provides KFAC factors only; posterior structure {structure!r} "
+            "needs Hessian data (e.g. hessian_data=laion400m)"
+        )
+    factors = load_published_factors(hcfg.dir)
+    heads = _heads(model.vlm)
+    return {
+        tower: KFACPosterior.from_factors(factors[f"A_{short}"], factors[f"B_{short}"], heads[tower])
+        for tower, short in (("image", "img"), ("text", "txt"))
+    }
+
+
+def fit_posteriors(
+    cfg: DictConfig, model: LoadedModel, dirs: RunDirs, structure: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The image and text posteriors of ``structure`` (kfac | diag), from the cache or estimated now.
+
+    Returns the posteriors and the cache identity they were built from.
+    """
+    from uqvlm.laplace import Laplace
+    from uqvlm.laplace.base import LastLayerPosterior
+
+    hcfg = cfg.hessian_data
+    if hcfg.kind == "published":
+        return _published_posteriors(hcfg, model, structure), {"published": str(hcfg.dir)}
+
+    from uqvlm.data.registry import build_pair_dataset
+
+    vlm = model.vlm
+    pairs = build_pair_dataset(hcfg)
+    likelihood = likelihood_of(vlm)
+    class_batch = int(hcfg.class_batch)
+    ident = {
+        "model": model.identity,
+        "data": pairs.fingerprint(),
+        "n_pairs": len(pairs),
+        "class_batch": class_batch,
+        "likelihood": likelihood,
+        "dtype": "float64",
+        "structure": structure,
+        "format": FORMAT_VERSION,
+    }
+    key = cache_key(**ident)
+    path = Path(dirs.cache) / "posteriors" / f"{structure}-{key}.pt"
+    heads = _heads(vlm)
+
+    def build() -> dict[str, Any]:
+        feats = extract(
+            vlm, pairs, cache_dir=dirs.cache, model_id=model.identity, dataset_id=pairs.fingerprint(),
+            batch_size=model.batch_size, device=cfg.device, precision=model.precision,
+            description=f"{hcfg.name} pairs",
+        )
+        sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
+        posts = {t: Laplace(heads[t], structure=structure) for t in TOWERS}
+        n = len(pairs)
+        n_batches = math.ceil(n / class_batch)
+        with progress() as bar:
+            task = bar.add_task(f"{structure} curvature ({likelihood})", total=2 * n_batches)
+            for start in range(0, n, class_batch):
+                sl = slice(start, start + class_batch)
+                for tower in TOWERS:
+                    src, tgt = sides[tower]
+                    posts[tower].update(
+                        src.activations[sl], src.embeddings[sl], tgt.embeddings[sl],
+                        vlm.logit_scale, vlm.logit_bias, likelihood=likelihood,
+                    )
+                    bar.advance(task)
+        for p in posts.values():
+            p.finalize()
+        return {"meta": {"key": key}, "ident": ident, **{t: posts[t].state_dict() for t in TOWERS}}
+
+    entry = get_or_build(path, build, {"key": key})
+    posts = {t: LastLayerPosterior.from_state_dict(entry[t], heads[t]) for t in TOWERS}
+    return posts, ident
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``task=hessian``: estimate and cache the posteriors of every configured structure."""
+    dirs = prepare_dirs(cfg)
+    model = load_model(cfg, dirs)
+    structures = list(cfg.posterior.structures) or ["kfac"]
+    out = {}
+    for structure in structures:
+        posts, ident = fit_posteriors(cfg, model, dirs, structure)
+        out[structure] = ident
+        for tower, post in posts.items():
+            console.print(f"{structure} {tower}: {post.summary()}")
+    console.print(f"posteriors cached under {dirs.cache / 'posteriors'}")
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "posteriors": out}
+
