@@ -1,0 +1,606 @@
+"""One interface over open_clip models: load offline-first, and split each tower at its last layer.
+
+``load_vlm`` accepts an open_clip model name with a pretrained tag, a local checkpoint file, an
+``hf-hub:org/repo`` or a ``local-dir:/path`` source (as the model name or as ``pretrained``). Weights are
+looked up in the local caches first; when they are not there and cannot be downloaded, it raises
+:class:`~uqvlm.errors.WeightsUnavailableError` within seconds instead of open_clip's retry loops or its
+silent fallback to random weights.
+
+``VLM.encode_images`` / ``VLM.encode_texts`` return :class:`~uqvlm.features.Features`: the activations
+entering the tower's last layer, the unnormalised embedding the model itself outputs, and the residual
+added after the last layer (SigLIP's image tower), so that ``embeddings == activations @ W.T (+ b) (+ r)``.
+Activations are captured while running open_clip's own forward (forward hooks on ``nn.Linear`` heads, or
+the projection Parameter temporarily removed), never by re-implementing an encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import CLIP
+from open_clip.transformer import TextTransformer, VisionTransformer
+from PIL import Image
+from torch import Tensor, nn
+
+from uqvlm.data import hub
+from uqvlm.errors import UqvlmError, WeightsUnavailableError
+from uqvlm.features import Features, LastLayer
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+# open_clip's weight file names in hub repos, safetensors first as open_clip prefers them.
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HF_CONFIG_FILE = "open_clip_config.json"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".ckpt")
+
+
+class ModelNameError(UqvlmError, ValueError):
+    """Unknown open_clip model name or pretrained tag (the message lists close matches)."""
+
+
+class UnsupportedModelError(UqvlmError, ValueError):
+    """The tower's last layer is not one uqvlm knows how to split off."""
+
+
+def register_uqvlm_configs() -> None:
+    """Make uqvlm's own open_clip configs (``uqvlm-tiny``) known to open_clip, when that module exists."""
+    try:
+        from uqvlm.models import tiny
+    except ImportError:
+        return
+    register = getattr(tiny, "register_model_configs", None)
+    if register is not None:
+        register()
+
+
+# ----------------------------------------------------------------------------- last-layer specs
+
+
+@dataclass
+class _Head:
+    """Where a tower's last layer lives and how to capture its input during open_clip's forward.
+
+    ``param``: a ``[p, D]`` Parameter applied as ``x @ proj`` (``owner.attr``); captured by setting it to
+    None for the forward (open_clip then returns the pooled input) and applying it ourselves with the
+    very same op. ``linear``: an ``nn.Linear`` captured with a forward hook. ``residual_of``: a module
+    whose *input* is added to the last layer's output afterwards (SigLIP's attention-pool MLP branch).
+    """
+
+    kind: str
+    path: str
+    owner: nn.Module | None = None
+    attr: str | None = None
+    linear: nn.Linear | None = None
+    residual_of: nn.Module | None = None
+    token: int | None = None
+
+    def last_layer(self) -> LastLayer:
+        if self.kind == "param":
+            proj = getattr(self.owner, self.attr)
+            return LastLayer(proj.detach().T, None)
+        bias = None if self.linear.bias is None else self.linear.bias.detach()
+        return LastLayer(self.linear.weight.detach(), bias)
+
+
+def _is_noop(m: nn.Module) -> bool:
+    """Modules that are the identity at inference (eval-mode dropout)."""
+    return isinstance(m, (nn.Identity, nn.Dropout))
+
+
+def _linear_or_param_head(owner: nn.Module, attr: str, path: str) -> _Head:
+    proj = getattr(owner, attr, None)
+    if isinstance(proj, nn.Linear):
+        return _Head("linear", path, linear=proj)
+    if isinstance(proj, nn.Parameter) and proj.ndim == 2:
+        return _Head("param", path, owner=owner, attr=attr)
+    raise UnsupportedModelError(
+        f"{path} is {type(proj).__name__ if proj is not None else 'None'}; uqvlm needs a linear projection "
+        "(a [p, D] Parameter or an nn.Linear) as the last layer of the tower"
+    )
+
+
+def _image_head(model: nn.Module) -> _Head:
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        return _linear_or_param_head(visual, "proj", "visual.proj")
+
+    from open_clip.timm_model import TimmModel
+
+    if isinstance(visual, TimmModel):
+        return _timm_head(visual)
+    raise UnsupportedModelError(
+        f"image tower {type(visual).__name__} is not supported: its last layer is not a module uqvlm can "
+        "hook (supported: open_clip VisionTransformer, timm trunks with a linear head, SigLIP attention pool)"
+    )
+
+
+def _timm_head(visual: nn.Module) -> _Head:
+    head = list(visual.head.named_children())
+    if head:
+        name, last = head[-1]
+        before_ok = all(_is_noop(m) for _, m in head[:-1])
+        if isinstance(last, nn.Linear) and before_ok:
+            return _Head("linear", f"visual.head.{name}", linear=last)
+        fc2, drop2 = getattr(last, "fc2", None), getattr(last, "drop2", nn.Identity())
+        if isinstance(fc2, nn.Linear) and _is_noop(drop2) and before_ok:
+            return _Head("linear", f"visual.head.{name}.fc2", linear=fc2)
+        raise UnsupportedModelError(
+            f"timm image tower head {[n for n, _ in head]} is not supported: it must end in an nn.Linear"
+        )
+
+    trunk = visual.trunk
+    classifier = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
+    if isinstance(classifier, nn.Linear):
+        name = next(n for n, m in trunk.named_modules() if m is classifier)
+        return _Head("linear", f"visual.trunk.{name}", linear=classifier)
+
+    pool = getattr(trunk, "attn_pool", None)
+    mlp = getattr(pool, "mlp", None) if pool is not None else None
+    if mlp is not None and isinstance(getattr(mlp, "fc2", None), nn.Linear):
+        # timm AttentionPoolLatent: x = proj(attn); x = x + mlp(norm(x)); x = x[:, 0]; then the trunk's
+        # fc_norm / head_drop / head. The embedding is fc2(act) + x only when everything after is a no-op.
+        tail = [getattr(trunk, a, nn.Identity()) for a in ("fc_norm", "head_drop", "head")]
+        if getattr(pool, "latent_len", 1) != 1:
+            raise UnsupportedModelError("attention pool with more than one latent query is not supported")
+        if not all(_is_noop(m) for m in tail) or not _is_noop(getattr(mlp, "drop2", nn.Identity())):
+            raise UnsupportedModelError(
+                "attention-pool tower with a norm or head after the pool is not supported: the embedding "
+                "would not be affine in the MLP's fc2 input"
+            )
+        if classifier is not None and not _is_noop(classifier):
+            raise UnsupportedModelError(f"unexpected classifier {type(classifier).__name__} after attn_pool")
+        return _Head(
+            "linear", "visual.trunk.attn_pool.mlp.fc2", linear=mlp.fc2, residual_of=pool.norm, token=0
+        )
+
+    raise UnsupportedModelError(
+        f"timm trunk {type(trunk).__name__} has no linear head and no attention-pool MLP to split off"
+    )
+
+
+def _text_head(model: nn.Module) -> _Head:
+    if isinstance(model, CLIP):
+        return _linear_or_param_head(model, "text_projection", "text_projection")
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):
+        return _linear_or_param_head(text, "text_projection", "text.text_projection")
+    proj = getattr(text, "proj", None)
+    if isinstance(proj, nn.Linear):  # open_clip's HFTextEncoder with proj_type="linear"
+        return _Head("linear", "text.proj", linear=proj)
+    raise UnsupportedModelError(
+        f"text tower {type(text).__name__ if text is not None else type(model).__name__} is not supported: "
+        "its last layer must be a projection Parameter or an nn.Linear"
+    )
+
+
+@contextlib.contextmanager
+def _without_param(owner: nn.Module, attr: str) -> Iterator[nn.Parameter]:
+    """Remove ``owner.attr`` for the duration; always put it back, also on errors."""
+    param = getattr(owner, attr)
+    setattr(owner, attr, None)
+    try:
+        yield param
+    finally:
+        setattr(owner, attr, param)
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _split_forward(head: _Head, forward: Callable[[], Any]) -> Features:
+    """Run ``forward`` (open_clip's encoder) once and split its output at the last layer."""
+    if head.kind == "param":
+        with _without_param(head.owner, head.attr) as proj:
+            pooled = _first(forward())
+        return Features(pooled, pooled @ proj, None)
+
+    seen: dict[str, list[Tensor]] = {"act": [], "res": []}
+    hooks = [head.linear.register_forward_hook(lambda m, args, out: seen["act"].append(args[0]))]
+    if head.residual_of is not None:
+        hooks.append(head.residual_of.register_forward_pre_hook(lambda m, args: seen["res"].append(args[0])))
+    try:
+        emb = _first(forward())
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(seen["act"]) != 1 or (head.residual_of is not None and len(seen["res"]) != 1):
+        raise RuntimeError(f"{head.path} ran {len(seen['act'])} times in one forward; expected once")
+    act = seen["act"][0]
+    res = seen["res"][0] if seen["res"] else None
+    if head.token is not None:  # [B, latent, p] inside the attention pool
+        act = act[:, head.token]
+        res = None if res is None else res[:, head.token]
+    return Features(act, emb, res)
+
+
+# ----------------------------------------------------------------------------- the model wrapper
+
+
+class VLM:
+    """An open_clip model split at the last layer of each tower."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocess: Callable[[Image.Image], Tensor],
+        name: str,
+        pretrained: str | None,
+        *,
+        tokenizer_source: str,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        offline_tokenizer: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.name = name
+        self.pretrained = pretrained
+        self.device = torch.device(device)
+        self.precision = precision
+        self._tokenizer = None
+        self._tokenizer_source = tokenizer_source
+        self._tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        self._offline_tokenizer = offline_tokenizer
+        self._image = _image_head(model)
+        self._text = _text_head(model)
+
+    def __repr__(self) -> str:
+        return (
+            f"VLM({self.name!r}, pretrained={self.pretrained!r}, image_head={self._image.path}, "
+            f"text_head={self._text.path}, device={self.device}, precision={self.precision})"
+        )
+
+    # -- parameters
+
+    @property
+    def logit_scale(self) -> float:
+        """The logit scale as stored (log scale): logits use ``exp(logit_scale)``."""
+        return float(self.model.logit_scale.detach().float().reshape(-1)[0])
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float().reshape(-1)[0])
+
+    @property
+    def image_head(self) -> LastLayer:
+        """The image tower's last layer (detached views of the model's weights: do not modify in place)."""
+        return self._image.last_layer()
+
+    @property
+    def text_head(self) -> LastLayer:
+        """The text tower's last layer (detached views of the model's weights: do not modify in place)."""
+        return self._text.last_layer()
+
+    @property
+    def image_head_name(self) -> str:
+        return self._image.path
+
+    @property
+    def text_head_name(self) -> str:
+        return self._text.path
+
+    @property
+    def tokenizer(self) -> Callable[..., Tensor]:
+        """open_clip's tokenizer, created on first use (SigLIP's lives on the HF hub)."""
+        if self._tokenizer is None:
+            try:
+                with hub.offline_mode(self._offline_tokenizer):
+                    self._tokenizer = open_clip.get_tokenizer(
+                        self._tokenizer_source, **self._tokenizer_kwargs
+                    )
+            except ImportError as e:
+                raise WeightsUnavailableError(
+                    f"the tokenizer of {self.name!r} needs a package that is not installed ({e}); "
+                    "install it (e.g. `pip install transformers sentencepiece`) or pass token ids to encode_texts"
+                ) from e
+            except Exception as e:
+                raise WeightsUnavailableError(
+                    f"the tokenizer of {self.name!r} ({self._tokenizer_source}) is not available offline ({e}). "
+                    "Populate the Hugging Face cache with it on a machine with internet, or pass token ids "
+                    "to encode_texts"
+                ) from e
+        return self._tokenizer
+
+    # -- encoding
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # AMP on CUDA only, as in uqvlm.extraction: CPU autocast buys little for ViTs.
+        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor | Sequence[Image.Image]) -> Features:
+        """Features of a batch of images: preprocessed pixels [B, 3, H, W], or PIL images."""
+        if not isinstance(pixels, Tensor):
+            pixels = torch.stack([self.preprocess(im) for im in pixels])
+        x = pixels.to(self.device)
+        with self._autocast():
+            return _split_forward(self._image, lambda: self.model.encode_image(x))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str] | str | Tensor) -> Features:
+        """Features of a batch of texts: strings (tokenized here) or token ids [B, L] (LongTensor)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = texts if isinstance(texts, Tensor) else self.tokenizer(list(texts))
+        ids = ids.to(self.device)
+        with self._autocast():
+            return _split_forward(self._text, lambda: self.model.encode_text(ids))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _schema(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.startswith(HF_HUB_PREFIX):
+        return "hf-hub"
+    if value.startswith(LOCAL_DIR_PREFIX):
+        return "local-dir"
+    return None
+
+
+def check_model_name(model_name: str) -> str:
+    """The open_clip config name for ``model_name`` ('/' as '-'); ValueError with close matches if unknown."""
+    register_uqvlm_configs()
+    cleaned = model_name.replace("/", "-")
+    known = open_clip.list_models()
+    if cleaned in known:
+        return cleaned
+    by_lower = {m.lower(): m for m in known}
+    close = difflib.get_close_matches(cleaned.lower(), list(by_lower), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(by_lower[c] for c in close)}?" if close else ""
+    raise ModelNameError(
+        f"unknown open_clip model {model_name!r}.{hint} "
+        "(open_clip.list_models() lists all; hf-hub:org/repo and local-dir:/path also work)"
+    )
+
+
+def _missing(what: str, repo: str | None = None, checkpoint_hint: bool = True) -> WeightsUnavailableError:
+    ways = []
+    if repo is not None:
+        ways.append(hub.how_to_populate(repo))
+    if checkpoint_hint:
+        ways.append("or pass model.pretrained=/path/to/checkpoint.bin (an open_clip checkpoint file)")
+    return WeightsUnavailableError(f"{what}. To provide it: " + "; ".join(ways) + ".")
+
+
+def _hub_weights(repo_id: str, filenames: Sequence[str], what: str, cache_dir: str | None) -> str:
+    """A weight file of ``repo_id`` from the cache, else downloaded; fails fast when offline."""
+    for fn in filenames:
+        path = hub.cached_file(repo_id, fn, cache_dir=cache_dir)
+        if path is not None:
+            return path
+    if hub.is_offline():
+        raise _missing(
+            f"weights for {what} are not in the local Hugging Face cache ({cache_dir or hub.hub_cache_dir()}) "
+            f"and the hub cannot be reached (offline): looked for {', '.join(filenames)} in {repo_id}",
+            repo_id,
+        )
+    for fn in filenames:
+        path = hub.fetch_file(repo_id, fn, cache_dir=cache_dir)
+        if path is not None:
+            return path
+    raise _missing(f"could not download weights for {what} from {repo_id} ({', '.join(filenames)})", repo_id)
+
+
+def _safe_alternatives(filename: str) -> list[str]:
+    # open_clip prefers a .safetensors sibling when the hub repo has one.
+    if filename == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors", filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _url_target(url: str, cache_dir: str | None) -> str:
+    """Where open_clip's URL downloader keeps ``url``."""
+    return os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+
+
+def _url_weights(url: str, what: str, cache_dir: str | None) -> str:
+    target = _url_target(url, cache_dir)
+    if os.path.isfile(target):
+        return target
+    if hub.is_offline() or not hub.reachable(url):
+        raise _missing(f"weights for {what} are not cached at {target} and {url} cannot be reached (offline)")
+    from open_clip.pretrained import download_pretrained_from_url
+
+    try:
+        return download_pretrained_from_url(url, cache_dir=cache_dir)
+    except Exception as e:
+        raise _missing(f"could not download weights for {what} from {url} ({e})") from e
+
+
+@dataclass
+class _Source:
+    """What to hand to open_clip: a (schema or built-in) model name, a checkpoint path and preprocessing."""
+
+    oc_name: str
+    checkpoint: str | None
+    force_preprocess: dict[str, Any]
+    offline: bool = False
+
+
+def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> _Source:
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import merge_preprocess_dict
+
+    pcfg = get_pretrained_cfg(name, tag)
+    what = f"{name} ({tag})"
+    if "file" in pcfg:
+        path = pcfg["file"]
+        if not os.path.isfile(path):
+            raise _missing(f"checkpoint file {path!r} of tag {tag!r} does not exist")
+    elif pcfg.get("hf_hub"):
+        repo_id, filename = os.path.split(pcfg["hf_hub"])
+        candidates = _safe_alternatives(filename or "open_clip_pytorch_model.bin")
+        cached = any(hub.cached_file(repo_id, fn, cache_dir=cache_dir) for fn in candidates)
+        url = pcfg.get("url")
+        if not cached and url and os.path.isfile(_url_target(url, cache_dir)):
+            path = _url_target(url, cache_dir)  # an earlier download through open_clip's URL path
+        else:
+            path = _hub_weights(repo_id, candidates, what, cache_dir)
+    elif pcfg.get("url"):
+        path = _url_weights(pcfg["url"], what, cache_dir)
+    else:
+        raise _missing(f"pretrained tag {tag!r} of {name} names no weight source")
+    # open_clip merges the tag's normalisation into preprocessing only when given the tag itself; we hand
+    # it the resolved file, so pass those keys explicitly (size still comes from the model).
+    pre = merge_preprocess_dict({}, pcfg)
+    pre = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
+    model_cfg = open_clip.get_model_config(name) or {}
+    if bool(pcfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
+        warnings.warn(
+            f"QuickGELU mismatch between model {name} and pretrained tag {tag!r}; "
+            f"use {name}-quickgelu for weights trained with QuickGELU",
+            UserWarning,
+            stacklevel=3,
+        )
+    return _Source(name, path, pre)
+
+
+def _resolve_hf_hub(repo_id: str, cache_dir: str | None) -> _Source:
+    what = f"hf-hub:{repo_id}"
+    offline = hub.is_offline()
+    config = hub.cached_file(repo_id, HF_CONFIG_FILE, cache_dir=cache_dir)
+    if config is None and not offline:
+        config = hub.fetch_file(repo_id, HF_CONFIG_FILE, cache_dir=cache_dir)
+    if config is None:
+        state = "offline and not in the local Hugging Face cache" if offline else "could not be downloaded"
+        raise _missing(f"{HF_CONFIG_FILE} of {what} is {state} ({cache_dir or hub.hub_cache_dir()})", repo_id)
+    # open_clip only warns and initialises randomly when the hub weights are missing: check them first.
+    _hub_weights(repo_id, HF_WEIGHT_FILES, what, cache_dir)
+    # Everything is cached now; open_clip reads it from there without contacting the hub.
+    return _Source(HF_HUB_PREFIX + repo_id, None, {}, offline=True)
+
+
+def _resolve_local_dir(path: str) -> _Source:
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise _missing(f"local-dir:{path}: directory not found", checkpoint_hint=True)
+    if not (d / HF_CONFIG_FILE).is_file():
+        raise _missing(
+            f"local-dir:{path}: {HF_CONFIG_FILE} is missing (save one with open_clip's push_to_hf_hub)"
+        )
+    if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in d.iterdir()):
+        raise _missing(f"local-dir:{path}: no checkpoint (*.safetensors, *.bin, *.pth) in the directory")
+    return _Source(LOCAL_DIR_PREFIX + str(d), None, {})
+
+
+def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> _Source:
+    source = model_name if _schema(model_name) else pretrained if _schema(pretrained) else None
+    if source is not None:
+        if source is model_name and pretrained:
+            log.warning("ignoring pretrained=%r: model %r names its own weights", pretrained, model_name)
+        if _schema(source) == "hf-hub":
+            repo_id = source[len(HF_HUB_PREFIX) :].strip("/")
+            if not repo_id:
+                raise ValueError("empty repo id after 'hf-hub:'")
+            return _resolve_hf_hub(repo_id, cache_dir)
+        return _resolve_local_dir(source[len(LOCAL_DIR_PREFIX) :])
+
+    name = check_model_name(model_name)
+    if pretrained in (None, "", "none", "None"):
+        return _Source(name, None, {})
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    if get_pretrained_cfg(name, pretrained):
+        return _resolve_tag(name, pretrained, cache_dir)
+    if os.path.isfile(pretrained):
+        return _Source(name, pretrained, {})
+    looks_like_path = (
+        os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or pretrained.startswith("~")
+    )
+    if looks_like_path:
+        raise _missing(f"checkpoint file {pretrained!r} for {name} does not exist", checkpoint_hint=True)
+    tags = list_pretrained_tags_by_model(name)
+    close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ModelNameError(
+        f"pretrained={pretrained!r} is neither a known tag of {name} nor an existing file.{hint} "
+        f"Tags of {name}: {', '.join(tags) if tags else '(none)'}"
+    )
+
+
+def load_vlm(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    **open_clip_kwargs: Any,
+) -> VLM:
+    """Load an open_clip model and split its towers at their last layers.
+
+    Args:
+        model_name: an open_clip model name (``ViT-B-32``; ``/`` is accepted for ``-``), or
+            ``hf-hub:org/repo`` / ``local-dir:/path`` (then ``pretrained`` is ignored).
+        pretrained: a pretrained tag (``laion2b_s34b_b79k``), a checkpoint file, ``hf-hub:org/repo`` or
+            ``local-dir:/path`` (the architecture then comes from that source), or None for random init.
+        device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
+        precision: ``fp32`` | ``bf16`` | ``fp16``; weights stay fp32, encoding uses AMP autocast on CUDA.
+        **open_clip_kwargs: passed to ``open_clip.create_model_and_transforms`` (e.g. ``cache_dir``,
+            ``force_image_size``, ``force_context_length``, ``image_mean``, ``image_resize_mode``).
+
+    Raises:
+        ModelNameError: (a ValueError) unknown model name or pretrained tag, listing close matches.
+        WeightsUnavailableError: the weights are not on this machine and cannot be downloaded.
+        UnsupportedModelError: a tower's last layer cannot be split off.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    register_uqvlm_configs()
+    pretrained = None if pretrained is None else str(pretrained)
+    cache_dir = open_clip_kwargs.get("cache_dir")
+    src = _resolve(model_name, pretrained, cache_dir)
+
+    kwargs = dict(open_clip_kwargs)
+    for key, value in src.force_preprocess.items():  # the caller's image_mean etc. take precedence
+        if kwargs.get(f"image_{key}") is None:
+            kwargs[f"image_{key}"] = value
+    if src.offline and "cache_dir" not in kwargs:
+        kwargs["cache_dir"] = hub.hub_cache_dir()  # where _resolve found the files
+    try:
+        with hub.offline_mode(src.offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                src.oc_name, pretrained=src.checkpoint, device=device, precision="fp32", **kwargs
+            )
+    except (FileNotFoundError, OSError) as e:
+        raise _missing(f"could not load weights for {model_name} ({pretrained}): {e}") from e
+
+    tok_kwargs: dict[str, Any] = {"cache_dir": kwargs["cache_dir"]} if kwargs.get("cache_dir") else {}
+    if getattr(model, "context_length", None):  # follows force_context_length too
+        tok_kwargs["context_length"] = int(model.context_length)
+    return VLM(
+        model,
+        preprocess,
+        model_name,
+        pretrained,
+        tokenizer_source=src.oc_name,
+        tokenizer_kwargs=tok_kwargs,
+        device=device,
+        precision=precision,
+        offline_tokenizer=hub.is_offline(),
+    )
