@@ -6,9 +6,8 @@ PIP := $(PY) -m pip
 # The torch build this workplace installs from local disk; override for another CUDA/CPU build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-SHAPES_DOMAINS := shapes-photo,shapes-sketch,shapes-noisy,shapes-lowcontrast,shapes-blur
 
-.PHONY: install demo test lint format reproduce reproduce-offline clean-cache
+.PHONY: install demo test lint format reproduce reproduce-offline tables clean-cache
 
 install: $(STAMP)
 
@@ -33,11 +32,18 @@ format: install
 	$(VENV)/bin/ruff format uqvlm tests scripts
 	$(VENV)/bin/ruff check --fix uqvlm tests scripts
 
-# The zero-shot protocol on the offline shapes world: the tiny model on every domain.
-reproduce-offline: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/uqvlm run -m dataset=$(SHAPES_DOMAINS)
+# The paper's tables: needs the models' weights and the datasets (a Hugging Face cache or internet).
+reproduce: install
+	$(VENV)/bin/uqvlm run experiment=paper_zeroshot
+	$(VENV)/bin/uqvlm report
 
-reproduce: reproduce-offline
+# The same protocol on the offline shapes world: the tiny model on every domain.
+reproduce-offline: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/uqvlm run experiment=offline_zeroshot
+	$(VENV)/bin/uqvlm report
+
+tables: install
+	$(VENV)/bin/uqvlm report
 
 clean-cache:
 	rm -rf "$${UQVLM_CACHE:-$$HOME/.cache/uqvlm}"

@@ -25,7 +25,7 @@ def test_cache() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(test_cache: Path) -> Path:
     """The shapes-pretrained tiny CLIP checkpoint (trained on first use, then cached)."""
-    from uqvlm.models.tiny import ensure_pretrained
+    from uqvlm.models.pretrained import ensure_pretrained
 
     return ensure_pretrained(test_cache)
 

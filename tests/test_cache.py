@@ -27,7 +27,9 @@ def test_truncated_file_is_rebuilt(tmp_path):
     save_entry(path, {"meta": {"key": "a"}, "x": torch.ones(1000)})
     path.write_bytes(path.read_bytes()[:-100])
     calls = []
-    out = get_or_build(path, lambda: calls.append(1) or {"meta": {"key": "a"}, "x": torch.zeros(3)}, {"key": "a"})
+    out = get_or_build(
+        path, lambda: calls.append(1) or {"meta": {"key": "a"}, "x": torch.zeros(3)}, {"key": "a"}
+    )
     assert calls == [1] and torch.equal(out["x"], torch.zeros(3))
     assert torch.equal(load_entry(path)["x"], torch.zeros(3))
 
@@ -60,7 +62,10 @@ def test_concurrent_builders_build_once(tmp_path):
         return {"meta": {"key": "k"}, "x": torch.randn(100)}
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(get_or_build(path, build, {"key": "k"}))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(get_or_build(path, build, {"key": "k"})))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -59,7 +59,18 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
     """A plain `pip install .` (here: into a target dir) still finds the config tree."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
     )
@@ -70,8 +81,13 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
         "    cfg = compose('config', overrides=['posterior=kfac'])\n"
         "print(cfg.model.name, cfg.posterior.structures[0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["uqvlm-tiny", "kfac"]
 

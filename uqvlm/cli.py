@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -12,6 +13,7 @@ from uqvlm.console import console
 from uqvlm.errors import UqvlmError
 
 USAGE = """usage: uqvlm run [overrides...]      compose configs/ and run a task (Hydra: --help, --cfg job, -m)
+       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables
 
 examples:
   uqvlm run                                   the offline default: tiny CLIP on the shapes world
@@ -23,6 +25,7 @@ examples:
 TASKS = {
     "zeroshot": "uqvlm.tasks.zeroshot",
     "hessian": "uqvlm.tasks.hessian",
+    "active_learning": "uqvlm.tasks.active_learning",
 }
 
 
@@ -47,16 +50,46 @@ def run_task(cfg: DictConfig):
     if name not in TASKS:
         raise UqvlmError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
     console.print(describe(cfg))
-    return importlib.import_module(TASKS[name]).run(cfg)
+    module = importlib.import_module(TASKS[name])
+    if should_skip_existing(cfg) and hasattr(module, "finished_record"):
+        record = module.finished_record(cfg)
+        if record is not None:
+            console.print(f"[green]already done[/] (same config hash): {record}; skipping")
+            return json.loads(record.read_text()).get("provenance", {}).get("objective")
+    result = module.run(cfg)
+    return getattr(result, "attrs", {}).get("objective")
+
+
+def should_skip_existing(cfg: DictConfig) -> bool:
+    """``skip_existing: auto`` skips finished configs in multiruns (so a re-launched sweep resumes)."""
+    setting = cfg.get("skip_existing", "auto")
+    if setting == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return bool(setting)
 
 
 @hydra.main(config_path="pkg://uqvlm.configs", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        run_task(cfg)
+        return run_task(cfg)
     except UqvlmError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise SystemExit(2) from None
+
+
+def report(argv: list[str]) -> None:
+    import argparse
+
+    from uqvlm.report import write_report
+
+    parser = argparse.ArgumentParser(prog="uqvlm report", description="gather all runs into tables")
+    parser.add_argument("--results", default="results", help="results directory to read (default: results)")
+    parser.add_argument("--out", default=None, help="where to write the tables (default: <results>/tables)")
+    args = parser.parse_args(argv)
+    write_report(args.results, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("HYDRA_FULL_ERROR", "0")
         sys.argv = [f"{os.path.basename(sys.argv[0])} run", *rest]
         _hydra_main()
+        return
+    if command == "report":
+        report(rest)
         return
     print(f"uqvlm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     raise SystemExit(2)

@@ -12,7 +12,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False)
+if not console.is_terminal:
+    # Logs and CI: wide enough that result tables are never truncated.
+    console.width = max(console.width, 160)
 
 
 def progress(*extra_columns) -> Progress:

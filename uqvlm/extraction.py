@@ -112,21 +112,33 @@ def extract(
         rate = TextColumn("{task.fields[rate]}")
         with progress(rate) as bar:
             task = bar.add_task(f"encoding {description}", total=n, rate="")
-            bar.advance(task, sum(min(shard_size, n - i * shard_size) for i in range(n_shards) if i not in todo))
+            bar.advance(
+                task, sum(min(shard_size, n - i * shard_size) for i in range(n_shards) if i not in todo)
+            )
             start, done = time.perf_counter(), 0
             for i in todo:
                 indices = range(i * shard_size, min(n, (i + 1) * shard_size))
 
                 def build(indices=indices, i=i):
                     nonlocal done
-                    parts = _encode_shard(vlm, dataset, indices, batch_size, num_workers, dev, precision,
-                                          on_batch=lambda k: (bar.advance(task, k), _rate(bar, task, start, k)))
+                    parts = _encode_shard(
+                        vlm,
+                        dataset,
+                        indices,
+                        batch_size,
+                        num_workers,
+                        dev,
+                        precision,
+                        on_batch=lambda k: (bar.advance(task, k), _rate(bar, task, start, k)),
+                    )
                     return {"meta": {**meta, "shard": i}, **parts}
 
                 get_or_build(shards[i], build, {**meta, "shard": i})
     parts = [load_verified(p) for p in shards]
     out: dict[str, Any] = {"image": Features.cat([_features_from(p["image"]) for p in parts])}
-    out["text"] = Features.cat([_features_from(p["text"]) for p in parts]) if "text" in parts[0] else None
+    out["text"] = (
+        Features.cat([_features_from(p["text"]) for p in parts]) if parts[0].get("text") is not None else None
+    )
     out["targets"] = torch.cat([p["targets"] for p in parts]) if parts[0]["targets"] is not None else None
     return out
 
@@ -198,7 +210,9 @@ def encode_prompts(
                 return None
             return torch.zeros(len(prompts), x.shape[1]).index_add_(0, owner, x) / counts[:, None]
 
-        return {"meta": {"key": key}, **_features_dict(Features(mean(f.activations), mean(f.embeddings),
-                                                                mean(f.residuals)))}
+        return {
+            "meta": {"key": key},
+            **_features_dict(Features(mean(f.activations), mean(f.embeddings), mean(f.residuals))),
+        }
 
     return _features_from(get_or_build(path, build, {"key": key}))

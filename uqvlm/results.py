@@ -1,17 +1,26 @@
-"""Results tables: CSV + Markdown + JSON provenance on disk, and a rich table on the console."""
+"""Results: CSV + Markdown + a JSON record per run on disk, and a rich table on the console.
+
+Each run writes ``<dir>/<stem>.{csv,md,json}`` (the latest result for that dataset and model) and a
+record ``<dir>/runs/<stem>-<config hash>.json`` with the config, the rows and their provenance, which
+``uqvlm report`` aggregates and which lets a re-launched sweep skip finished jobs.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from uqvlm.cache import atomic_write
 from uqvlm.console import console
+
+# Keys that change where or how fast a run happens, not what it computes.
+NON_SEMANTIC_KEYS = ("paths", "device", "num_workers", "hydra", "skip_existing")
 
 
 def model_slug(model_cfg: DictConfig) -> str:
@@ -23,20 +32,48 @@ def model_slug(model_cfg: DictConfig) -> str:
     return f"{name}_{tag}"
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """A hash of everything in the config that determines the results."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    semantic = {k: v for k, v in container.items() if k not in NON_SEMANTIC_KEYS}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def record_path(directory: Path, stem: str, cfg: DictConfig) -> Path:
+    return directory / "runs" / f"{stem}-{config_hash(cfg)}.json"
+
+
 def write_results(
-    table: pd.DataFrame, directory: Path, stem: str, *, title: str, extra: dict[str, Any] | None = None
+    table: pd.DataFrame,
+    directory: Path,
+    stem: str,
+    *,
+    title: str,
+    cfg: DictConfig,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``<stem>.csv``, ``<stem>.md`` (and ``<stem>.json`` with ``extra``) atomically; print it."""
+    """Write the table and its run record atomically, then print it."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": directory / f"{stem}.csv", "md": directory / f"{stem}.md"}
+    paths = {
+        "csv": directory / f"{stem}.csv",
+        "md": directory / f"{stem}.md",
+        "json": directory / f"{stem}.json",
+        "record": record_path(directory, stem, cfg),
+    }
+    record = {
+        "title": title,
+        "config_hash": config_hash(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "rows": json.loads(table.to_json(orient="records")),
+        "provenance": provenance or {},
+    }
     with atomic_write(paths["csv"], "w") as f:
         table.to_csv(f, index=False, float_format="%.5f")
     with atomic_write(paths["md"], "w") as f:
         f.write(table.to_markdown(index=False, floatfmt=".4f") + "\n")
-    if extra is not None:
-        paths["json"] = directory / f"{stem}.json"
-        with atomic_write(paths["json"], "w") as f:
-            json.dump(extra, f, indent=2, default=str)
+    for key in ("json", "record"):
+        with atomic_write(paths[key], "w") as f:
+            json.dump(record, f, indent=2, default=str)
     print_table(table, title)
     console.print(f"results: {paths['csv']}  {paths['md']}")
     return paths

@@ -31,7 +31,7 @@ def resolve_pretrained(model_cfg: DictConfig, cache_dir: Path) -> str | None:
     """The ``pretrained`` argument for open_clip; ``shapes`` means uqvlm's own cached tiny model."""
     pretrained = model_cfg.get("pretrained")
     if pretrained == "shapes":
-        from uqvlm.models.tiny import ensure_pretrained
+        from uqvlm.models.pretrained import ensure_pretrained
 
         return str(ensure_pretrained(cache_dir, **(model_cfg.get("pretrain") or {})))
     return None if pretrained in (None, "", "none") else str(pretrained)
@@ -61,5 +61,9 @@ def load_model(cfg: DictConfig, dirs: RunDirs) -> LoadedModel:
     pretrained = resolve_pretrained(cfg.model, dirs.cache)
     precision = cfg.model.get("precision", "fp32")
     vlm = load_vlm(cfg.model.name, pretrained, device=str(resolve_device(cfg.device)), precision=precision)
-    return LoadedModel(vlm, model_identity(cfg.model.name, pretrained, precision), precision,
-                       int(cfg.model.get("batch_size", 256)))
+    return LoadedModel(
+        vlm,
+        model_identity(cfg.model.name, pretrained, precision),
+        precision,
+        int(cfg.model.get("batch_size", 256)),
+    )

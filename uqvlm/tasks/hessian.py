@@ -11,10 +11,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build
 from uqvlm.console import console, progress
+from uqvlm.errors import UqvlmError
 from uqvlm.extraction import extract
 from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
 
@@ -41,10 +43,19 @@ def _published_posteriors(hcfg: DictConfig, model: LoadedModel, structure: str) 
         )
     factors = load_published_factors(hcfg.dir)
     heads = _heads(model.vlm)
-    return {
-        tower: KFACPosterior.from_factors(factors[f"A_{short}"], factors[f"B_{short}"], heads[tower])
-        for tower, short in (("image", "img"), ("text", "txt"))
-    }
+    posts = {}
+    for tower, short in (("image", "img"), ("text", "txt")):
+        head = heads[tower]
+        try:
+            posts[tower] = KFACPosterior.from_factors(
+                factors[f"A_{short}"], factors[f"B_{short}"], weight=head.weight, bias=head.bias
+            )
+        except ValueError as err:
+            raise UqvlmError(
+                f"the published factors in {hcfg.dir} do not fit {model.identity['name']}'s {tower} "
+                f"last layer ({err})"
+            ) from None
+    return posts
 
 
 def fit_posteriors(
@@ -83,8 +94,15 @@ def fit_posteriors(
 
     def build() -> dict[str, Any]:
         feats = extract(
-            vlm, pairs, cache_dir=dirs.cache, model_id=model.identity, dataset_id=pairs.fingerprint(),
-            batch_size=model.batch_size, device=cfg.device, precision=model.precision,
+            vlm,
+            pairs,
+            cache_dir=dirs.cache,
+            model_id=model.identity,
+            dataset_id=pairs.fingerprint(),
+            batch_size=model.batch_size,
+            num_workers=int(cfg.num_workers),
+            device=cfg.device,
+            precision=model.precision,
             description=f"{hcfg.name} pairs",
         )
         sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
@@ -98,8 +116,12 @@ def fit_posteriors(
                 for tower in TOWERS:
                     src, tgt = sides[tower]
                     posts[tower].update(
-                        src.activations[sl], src.embeddings[sl], tgt.embeddings[sl],
-                        vlm.logit_scale, vlm.logit_bias, likelihood=likelihood,
+                        src.activations[sl],
+                        src.embeddings[sl],
+                        tgt.embeddings[sl],
+                        vlm.logit_scale,
+                        vlm.logit_bias,
+                        likelihood=likelihood,
                     )
                     bar.advance(task)
         for p in posts.values():
@@ -107,7 +129,14 @@ def fit_posteriors(
         return {"meta": {"key": key}, "ident": ident, **{t: posts[t].state_dict() for t in TOWERS}}
 
     entry = get_or_build(path, build, {"key": key})
-    posts = {t: LastLayerPosterior.from_state_dict(entry[t], heads[t]) for t in TOWERS}
+    posts = {t: LastLayerPosterior.from_state_dict(entry[t]) for t in TOWERS}
+    for tower, post in posts.items():
+        # The key covers the checkpoint's bytes; this guards against a cache copied between models.
+        if not torch.equal(post.last_layer.weight.double(), heads[tower].weight.detach().double().cpu()):
+            raise UqvlmError(
+                f"the cached {structure} posterior {path} was fitted for another model's {tower} last "
+                "layer; delete it (or the cache directory) and run again"
+            )
     return posts, ident
 
 
@@ -121,7 +150,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         posts, ident = fit_posteriors(cfg, model, dirs, structure)
         out[structure] = ident
         for tower, post in posts.items():
-            console.print(f"{structure} {tower}: {post.summary()}")
+            console.print(f"{structure} {tower}: {post!r}")
     console.print(f"posteriors cached under {dirs.cache / 'posteriors'}")
     return {"config": OmegaConf.to_container(cfg, resolve=True), "posteriors": out}
-

@@ -1,106 +1,172 @@
-"""``task=zeroshot``: MAP and BayesVLM predictions on cached features, scored and written as a table."""
+"""``task=zeroshot``: every configured method on the same cached features, scored and written."""
 
 from __future__ import annotations
 
-import math
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from uqvlm.console import console
+from uqvlm.data.augment import AugmentedView
+from uqvlm.data.registry import build_zeroshot_dataset
+from uqvlm.errors import DatasetFormatError, UqvlmError
 from uqvlm.extraction import encode_prompts, extract
-from uqvlm.features import Features
-from uqvlm.metrics import evaluate_probs
-from uqvlm.results import model_slug, write_results
-from uqvlm.tasks.common import load_model, prepare_dirs
+from uqvlm.methods import BayesVLM, Method, ZeroShotContext
+from uqvlm.metrics import METRIC_COLUMNS, evaluate_probs
+from uqvlm.results import model_slug, record_path, write_results
+from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 
-def map_logits(img: Tensor, txt: Tensor, logit_scale: float, logit_bias: float | None) -> Tensor:
-    """exp(logit_scale) * cosine similarity (+ logit_bias) between every image and class embedding."""
-    cos = torch.nn.functional.normalize(img.double(), dim=-1) @ torch.nn.functional.normalize(txt.double(), dim=-1).T
-    return math.exp(logit_scale) * cos + (logit_bias or 0.0)
+def output_location(cfg: DictConfig) -> tuple[Path, str]:
+    return Path(cfg.paths.results_dir) / "zeroshot" / cfg.dataset.name, model_slug(cfg.model)
 
 
-def bayes_probs(
-    img: Features, txt: Features, img_post, txt_post, vlm, posterior_cfg: DictConfig
-) -> Tensor:
-    """BayesVLM predictive: embedding variances -> ProbCosine -> probit (or Monte Carlo) softmax."""
-    from uqvlm.probcosine import mc_probs, probcosine, probit_probs
-
-    img_var = img_post.embedding_variance(img.activations)
-    txt_var = txt_post.embedding_variance(txt.activations)
-    mean_cos, var_cos = probcosine(img.embeddings.double(), img_var, txt.embeddings.double(), txt_var)
-    scale = math.exp(vlm.logit_scale)
-    mean, var = scale * mean_cos + (vlm.logit_bias or 0.0), scale**2 * var_cos
-    if posterior_cfg.predictive == "mc":
-        return mc_probs(mean, var, samples=int(posterior_cfg.mc_samples),
-                        generator=torch.Generator().manual_seed(0))
-    if posterior_cfg.predictive != "probit":
-        raise ValueError(f"posterior.predictive must be 'probit' or 'mc', got {posterior_cfg.predictive!r}")
-    return probit_probs(mean, var)
+def finished_record(cfg: DictConfig) -> Path | None:
+    """The run record of this exact config, if a previous run finished it."""
+    path = record_path(*output_location(cfg), cfg)
+    return path if path.exists() else None
 
 
-def configure_prior(posts: dict[str, Any], posterior_cfg: DictConfig) -> dict[str, float]:
-    """Set n and the prior precision of each tower's posterior; returns the lambdas chosen."""
-    chosen = {}
-    for tower, post in posts.items():
-        post.n = float(posterior_cfg.n)
-        lam = posterior_cfg.prior_precision
-        if isinstance(lam, str):
-            if lam != "evidence":
-                raise ValueError(f"posterior.prior_precision must be a positive number or 'evidence', got {lam!r}")
-            post.optimize_prior_precision(method="evidence", variant=posterior_cfg.evidence_variant)
-        else:
-            post.prior_precision = float(lam)
-        chosen[tower] = float(post.prior_precision)
-    return chosen
+def selected_methods(cfg: DictConfig) -> dict[str, Method]:
+    """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out."""
+    structures = set(cfg.posterior.structures)
+    methods = {name: instantiate(spec) for name, spec in cfg.task.methods.items()}
+    return {name: m for name, m in methods.items() if m.structure is None or m.structure in structures}
+
+
+def _features(cfg: DictConfig, model: LoadedModel, dirs: RunDirs, dataset, what: str):
+    feats = extract(
+        model.vlm,
+        dataset,
+        cache_dir=dirs.cache,
+        model_id=model.identity,
+        dataset_id=dataset.fingerprint(),
+        batch_size=model.batch_size,
+        num_workers=int(cfg.num_workers),
+        device=cfg.device,
+        precision=model.precision,
+        description=what,
+    )
+    labels = feats["targets"]
+    if int(labels.max()) >= len(dataset.classnames) or int(labels.min()) < 0:
+        raise DatasetFormatError(
+            f"dataset {cfg.dataset.name!r} ({what}) has labels in [{int(labels.min())}, {int(labels.max())}] "
+            f"but {len(dataset.classnames)} class names"
+        )
+    return feats["image"], labels
+
+
+def write_plots(probs: dict, labels, dataset, directory, stem: str, title: str, ece_bins: int) -> None:
+    """Reliability diagrams, risk-coverage curves, and the most/least uncertain images of the first
+    Bayesian method (else the last method)."""
+    from uqvlm import plots
+
+    plots.reliability_diagram(
+        probs, labels, directory / f"{stem}_reliability.png", bins=ece_bins, title=title
+    )
+    plots.risk_coverage_curves(probs, labels, directory / f"{stem}_risk_coverage.png", title=title)
+    name = next((m for m in probs if m.startswith("bayesvlm")), list(probs)[-1])
+    plots.uncertain_examples(
+        dataset,
+        labels,
+        probs[name],
+        dataset.classnames,
+        directory / f"{stem}_uncertain.png",
+        title=f"{title}: {name}",
+    )
+
+
+def validation_nll(ctx: ZeroShotContext, methods: dict[str, Method]) -> float:
+    """NLL on the validation split of the first BayesVLM method, with the prior it was run with."""
+    bayes = [m for m in methods.values() if isinstance(m, BayesVLM)]
+    if not bayes:
+        raise UqvlmError("task.objective=val_nll needs a BayesVLM method (posterior=kfac or diag)")
+    method = bayes[0]
+    val_features, val_labels = ctx.validation
+    probs = method.probs(ctx, val_features, ctx.posterior_provider(method.structure))
+    return evaluate_probs(probs, val_labels)["nll"]
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
-    from uqvlm.data.registry import build_zeroshot_dataset
-
     dirs = prepare_dirs(cfg)
+    methods = selected_methods(cfg)
+    # The dataset first: a missing dataset is reported before a model is loaded (or pretrained).
+    dataset = build_zeroshot_dataset(cfg.dataset)
     model = load_model(cfg, dirs)
     vlm = model.vlm
-    dataset = build_zeroshot_dataset(cfg.dataset)
-    feats = extract(
-        vlm, dataset, cache_dir=dirs.cache, model_id=model.identity, dataset_id=dataset.fingerprint(),
-        batch_size=model.batch_size, device=cfg.device, precision=model.precision,
-        description=f"{cfg.dataset.name} {dataset.split}",
+    image, labels = _features(cfg, model, dirs, dataset, f"{cfg.dataset.name} {dataset.split}")
+    text = encode_prompts(
+        vlm,
+        dataset.prompts(),
+        cache_dir=dirs.cache,
+        model_id=model.identity,
+        device=cfg.device,
+        precision=model.precision,
     )
-    img, labels = feats["image"], feats["targets"]
-    if int(labels.max()) >= len(dataset.classnames):
-        from uqvlm.errors import DatasetFormatError
 
-        raise DatasetFormatError(
-            f"dataset {cfg.dataset.name!r} has label {int(labels.max())} but only "
-            f"{len(dataset.classnames)} class names"
-        )
-    txt = encode_prompts(vlm, dataset.prompts(), cache_dir=dirs.cache, model_id=model.identity,
-                         device=cfg.device, precision=model.precision)
+    def validation():
+        split = cfg.dataset.get("val_split")
+        if not split:
+            raise DatasetFormatError(
+                f"dataset {cfg.dataset.name!r} has no val_split; methods fitted on labels need one "
+                "(set dataset.val_split=... or drop them from task.methods)"
+            )
+        val = build_zeroshot_dataset(OmegaConf.merge(cfg.dataset, {"split": split}))
+        return _features(cfg, model, dirs, val, f"{cfg.dataset.name} {split}")
 
-    ece_bins = int(cfg.task.ece_bins)
-    logits = map_logits(img.embeddings, txt.embeddings, vlm.logit_scale, vlm.logit_bias)
-    rows = [{"method": "map", **evaluate_probs(logits.softmax(-1), labels, ece_bins)}]
-    provenance: dict[str, Any] = {"features": dataset.fingerprint(), "model": model.identity}
-    for structure in cfg.posterior.structures:
+    def views(k: int):
+        return [
+            _features(
+                cfg, model, dirs, AugmentedView(dataset, v, seed=int(cfg.seed)), f"tta view {v + 1}/{k}"
+            )[0]
+            for v in range(k)
+        ]
+
+    provenance: dict[str, Any] = {"dataset": dataset.fingerprint(), "model": model.identity, "posteriors": {}}
+
+    @cache
+    def posteriors(structure: str):
         posts, ident = fit_posteriors(cfg, model, dirs, structure)
-        lambdas = configure_prior(posts, cfg.posterior)
-        probs = bayes_probs(img, txt, posts["image"], posts["text"], vlm, cfg.posterior)
-        rows.append({"method": f"bayesvlm-{structure}", **evaluate_probs(probs, labels, ece_bins)})
-        provenance[f"bayesvlm-{structure}"] = {"posterior": ident, "prior_precision": lambdas,
-                                               "n": float(cfg.posterior.n)}
+        provenance["posteriors"][structure] = ident
+        return posts
 
-    table = pd.DataFrame(rows, columns=["method", "acc", "nll", "ece", "n"])
-    write_results(
-        table,
-        dirs.results / "zeroshot" / cfg.dataset.name,
-        model_slug(cfg.model),
-        title=f"zero-shot {cfg.dataset.name} / {cfg.model.name}",
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "provenance": provenance},
+    ctx = ZeroShotContext(
+        logit_scale=vlm.logit_scale,
+        logit_bias=vlm.logit_bias,
+        image=image,
+        labels=labels,
+        text=text,
+        posterior_cfg=cfg.posterior,
+        validation_provider=validation,
+        views_provider=views,
+        posterior_provider=posteriors,
     )
+    ece_bins = int(cfg.task.ece_bins)
+    rows, probs = [], {}
+    for name, method in methods.items():
+        probs[name] = method.predict(ctx)
+        rows.append(
+            {
+                "method": name,
+                **evaluate_probs(probs[name], labels, ece_bins),
+                "uses_labels": method.uses_labels,
+            }
+        )
+    table = pd.DataFrame(rows, columns=["method", *METRIC_COLUMNS, "n", "uses_labels"])
+    provenance["notes"] = ctx.notes
+    directory, stem = output_location(cfg)
+    title = f"zero-shot {cfg.dataset.name} / {cfg.model.name}"
+    if cfg.task.get("objective") == "val_nll":
+        provenance["objective"] = table.attrs["objective"] = validation_nll(ctx, methods)
+        console.print(f"objective (validation NLL): {table.attrs['objective']:.5f}")
+    if cfg.task.get("plots", True):
+        write_plots(probs, labels, dataset, directory, stem, title, ece_bins)
+    # The record last: its presence means the run finished (a re-launched sweep skips it).
+    write_results(table, directory, stem, title=title, cfg=cfg, provenance=provenance)
+    console.print("uses_labels: fitted on the labelled validation split of the evaluated dataset")
     return table

@@ -1,0 +1,137 @@
+"""End to end through the CLI on the offline shapes world: tables, records, plots, caches, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "dataset.n=300",
+    "hessian_data.n=1500",
+    "hessian_data.class_batch=500",
+    "task.methods.tta.views=2",
+    "task.methods.bayesvlm-kfac-mc.samples=200",
+]
+COLUMNS = ["method", "acc", "nll", "ece", "ece15", "brier", "auroc", "aurc", "n", "uses_labels"]
+
+
+def run_cli(
+    *args: str, cache: Path, results: Path, logs: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "uqvlm.cli",
+            "run",
+            f"paths.cache_dir={cache}",
+            f"paths.results_dir={results}",
+            f"paths.log_dir={logs}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_checkpoint, test_cache, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    logs = tmp_path_factory.mktemp("logs")
+    out = run_cli(*SMALL, cache=test_cache, results=results, logs=logs)
+    return results, logs, out
+
+
+@pytest.mark.slow
+def test_zeroshot_table_record_and_plots(first_run):
+    results, _, out = first_run
+    directory = results / "zeroshot" / "shapes-sketch"
+    table = pd.read_csv(directory / "uqvlm-tiny.csv")
+    assert list(table.columns) == COLUMNS
+    assert list(table["method"]) == [
+        "map",
+        "temperature",
+        "tta",
+        "bayesvlm-diag",
+        "bayesvlm-kfac",
+        "bayesvlm-kfac-mc",
+    ]
+    assert (table["n"] == 300).all()
+    assert table.loc[table.method == "temperature", "uses_labels"].item()
+    assert not table.loc[table.method == "map", "uses_labels"].item()
+    for col in ("acc", "ece", "ece15", "auroc", "aurc"):
+        assert table[col].between(0, 1).all(), col
+    assert (table["nll"] > 0).all() and table["brier"].between(0, 2).all()
+    # TTA and Bayesian rows are real computations, not copies of MAP.
+    assert (
+        table.set_index("method").loc["bayesvlm-kfac", "nll"] != table.set_index("method").loc["map", "nll"]
+    )
+    md = (directory / "uqvlm-tiny.md").read_text()
+    assert "bayesvlm-kfac" in md and "| method" in md
+    record = json.loads((directory / "uqvlm-tiny.json").read_text())
+    assert record["config"]["dataset"]["name"] == "shapes-sketch"
+    assert set(record["provenance"]["posteriors"]) == {"kfac", "diag"}
+    assert len(list((directory / "runs").glob("uqvlm-tiny-*.json"))) == 1
+    for suffix in ("reliability", "risk_coverage", "uncertain"):
+        png = directory / f"uqvlm-tiny_{suffix}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", suffix
+    assert "bayesvlm-kfac" in out.stdout  # the rich table
+
+
+@pytest.mark.slow
+def test_warm_rerun_reuses_caches_and_reproduces(first_run, test_cache):
+    results, logs, _ = first_run
+    before = pd.read_csv(results / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv")
+    out = run_cli(*SMALL, cache=test_cache, results=results, logs=logs)
+    assert "encoding" not in out.stdout and "curvature" not in out.stdout, "caches must be reused"
+    after = pd.read_csv(results / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv")
+    pd.testing.assert_frame_equal(before, after)
+
+
+@pytest.mark.slow
+def test_multirun_sweep_skips_finished_configs_and_reports(first_run, test_cache, tmp_path):
+    results, logs, _ = first_run
+    sweep = [
+        *SMALL,
+        "posterior=kfac",
+        "task.methods={map: {_target_: uqvlm.methods.MAP}, "
+        "bayesvlm-kfac: {_target_: uqvlm.methods.BayesVLM, structure: kfac}}",
+        "task.plots=false",
+    ]
+    run_cli("-m", *sweep, "posterior.prior_precision=1,100", cache=test_cache, results=results, logs=logs)
+    out = run_cli(
+        "-m", *sweep, "posterior.prior_precision=1,100,10000", cache=test_cache, results=results, logs=logs
+    )
+    assert out.stdout.count("already done") == 2
+    records = list((results / "zeroshot" / "shapes-sketch" / "runs").glob("*.json"))
+    assert len(records) == 1 + 3
+    report = subprocess.run(
+        [sys.executable, "-m", "uqvlm.cli", "report", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert "rows from 4 runs" in report.stdout.replace("\n", " ")
+    runs = pd.read_csv(results / "tables" / "zeroshot_runs.csv")
+    kfac = runs[runs.method == "bayesvlm-kfac"]
+    assert set(kfac.prior_precision.astype(str)) >= {"1", "100", "10000"}
+    # A larger prior precision shrinks the posterior: the NLL moves monotonically towards MAP's.
+    by_lambda = kfac[kfac.prior_precision.astype(str).isin(["1", "100", "10000"])].set_index(
+        "prior_precision"
+    )
+    assert by_lambda.nll.nunique() == 3
+    for metric in ("acc", "nll", "ece"):
+        assert (results / "tables" / f"zeroshot_{metric}.tex").exists()

@@ -1,0 +1,177 @@
+"""Zero-shot prediction methods compared on the same cached features.
+
+A method is one small class: ``predict(ctx) -> probs [N, K]``. ``configs/task/zeroshot.yaml`` lists
+them with ``_target_`` entries, so adding a method is a class here plus a line there.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from uqvlm.features import Features
+from uqvlm.probcosine import mc_probs, probcosine, probit_probs
+
+
+def cosine_logits(img: Tensor, txt: Tensor, logit_scale: float, logit_bias: float | None) -> Tensor:
+    """exp(logit_scale) * cosine similarity (+ logit_bias) between every image and class embedding."""
+    normalize = torch.nn.functional.normalize
+    cos = normalize(img.double(), dim=-1) @ normalize(txt.double(), dim=-1).T
+    return math.exp(logit_scale) * cos + (logit_bias or 0.0)
+
+
+@dataclass
+class ZeroShotContext:
+    """What methods may use. Expensive inputs (validation features, augmented views, posteriors) are
+    computed on first use by the providers the task supplies, and only for methods that need them."""
+
+    logit_scale: float
+    logit_bias: float | None
+    image: Features
+    labels: Tensor
+    text: Features
+    posterior_cfg: Any
+    validation_provider: Callable[[], tuple[Features, Tensor]]
+    views_provider: Callable[[int], list[Features]]
+    posterior_provider: Callable[[str], dict[str, Any]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def validation(self) -> tuple[Features, Tensor]:
+        return self.validation_provider()
+
+    def logits(self, image: Features) -> Tensor:
+        return cosine_logits(image.embeddings, self.text.embeddings, self.logit_scale, self.logit_bias)
+
+
+class Method(ABC):
+    """A zero-shot predictive. ``uses_labels``: fitted on labelled data of the evaluated dataset."""
+
+    uses_labels: bool = False
+    structure: str | None = None
+
+    @abstractmethod
+    def predict(self, ctx: ZeroShotContext) -> Tensor: ...
+
+
+class MAP(Method):
+    """The deterministic model: softmax of the scaled cosine logits."""
+
+    def predict(self, ctx: ZeroShotContext) -> Tensor:
+        return ctx.logits(ctx.image).softmax(-1)
+
+
+class Temperature(Method):
+    """Temperature scaling: one T fitted by NLL on the labelled validation split."""
+
+    uses_labels = True
+
+    def predict(self, ctx: ZeroShotContext) -> Tensor:
+        val_features, val_labels = ctx.validation
+        t = fit_temperature(ctx.logits(val_features), val_labels)
+        ctx.notes["temperature"] = t
+        return (ctx.logits(ctx.image) / t).softmax(-1)
+
+
+def fit_temperature(logits: Tensor, labels: Tensor) -> float:
+    """argmin_T NLL(softmax(logits / T)), by L-BFGS on log T (the NLL is convex in 1/T)."""
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    logits = logits.double()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+class TTA(Method):
+    """Test-time augmentation: softmax probabilities averaged over ``views`` augmented copies."""
+
+    def __init__(self, views: int = 8):
+        if views < 1:
+            raise ValueError(f"tta views must be >= 1, got {views}")
+        self.views = views
+
+    def predict(self, ctx: ZeroShotContext) -> Tensor:
+        views = ctx.views_provider(self.views)
+        return torch.stack([ctx.logits(v).softmax(-1) for v in views]).mean(0)
+
+
+class BayesVLM(Method):
+    """BayesVLM: last-layer Laplace posteriors -> embedding variances -> ProbCosine -> predictive."""
+
+    def __init__(
+        self, structure: str = "kfac", predictive: str = "probit", samples: int = 1000, seed: int = 0
+    ):
+        if predictive not in ("probit", "mc"):
+            raise ValueError(f"predictive must be 'probit' or 'mc', got {predictive!r}")
+        self.structure, self.predictive, self.samples, self.seed = structure, predictive, samples, seed
+
+    def logit_moments(
+        self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        img_var = posts["image"].embedding_variance(image.activations)
+        txt_var = posts["text"].embedding_variance(ctx.text.activations)
+        mean_cos, var_cos = probcosine(
+            image.embeddings.double(), img_var, ctx.text.embeddings.double(), txt_var
+        )
+        scale = math.exp(ctx.logit_scale)
+        return scale * mean_cos + (ctx.logit_bias or 0.0), scale**2 * var_cos
+
+    def probs(self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]) -> Tensor:
+        mean, var = self.logit_moments(ctx, image, posts)
+        if self.predictive == "mc":
+            return mc_probs(
+                mean, var, samples=self.samples, generator=torch.Generator().manual_seed(self.seed)
+            )
+        return probit_probs(mean, var)
+
+    def predict(self, ctx: ZeroShotContext) -> Tensor:
+        posts = ctx.posterior_provider(self.structure)
+        self.configure_prior(ctx, posts)
+        return self.probs(ctx, ctx.image, posts)
+
+    def configure_prior(self, ctx: ZeroShotContext, posts: dict[str, Any]) -> None:
+        """Set n and lambda on both towers: a number, the evidence optimum, or a validation-NLL grid."""
+        from uqvlm.laplace.evidence import grid_search_prior
+
+        cfg = ctx.posterior_cfg
+        lam = cfg.prior_precision
+        for post in posts.values():
+            post.n = float(cfg.n)
+        if lam == "evidence":
+            for post in posts.values():
+                post.optimize_prior_precision(method="evidence", variant=cfg.evidence_variant)
+        elif lam == "grid":
+            self.uses_labels = True
+            val_features, val_labels = ctx.validation
+
+            def val_nll(x: float) -> float:
+                for post in posts.values():
+                    post.prior_precision = x
+                p = self.probs(ctx, val_features, posts)
+                return float(-p[torch.arange(len(val_labels)), val_labels].clamp_min(1e-12).log().mean())
+
+            best = grid_search_prior(val_nll, [10.0 ** (e / 2) for e in range(-4, 17)])
+            for post in posts.values():
+                post.prior_precision = best
+        elif isinstance(lam, int | float) and not isinstance(lam, bool):
+            for post in posts.values():
+                post.prior_precision = float(lam)
+        else:
+            raise ValueError(
+                f"posterior.prior_precision must be a positive number, 'evidence' or 'grid'; got {lam!r}"
+            )
+        ctx.notes[f"prior_precision/{self.structure}"] = {t: p.prior_precision for t, p in posts.items()}

@@ -1,0 +1,372 @@
+"""``task=active_learning``: strategies x budgets x seeds on cached features (paper section 4.2).
+
+Per (strategy, seed) one selection of the largest budget is made (smaller budgets are its prefixes), the
+image last layer is fine-tuned on each prefix, and the MAP and BayesVLM predictives (posterior centred at
+the fine-tuned weights, same covariance) are scored on the target test split. Every job writes its rows
+under ``<model>.rows/<setup>/`` and re-aggregates all rows of the same setup into the table, so a Hydra
+multirun over strategies, budgets or seeds fills one table.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from uqvlm.active.domains import DomainData, build_domain_data
+from uqvlm.active.finetune import FinetuneConfig, embed, finetune_image_layer
+from uqvlm.active.strategies import STRATEGIES, AcquisitionConfig, ActiveProblem, make_generator, select
+from uqvlm.cache import atomic_write, cache_key
+from uqvlm.console import console, progress
+from uqvlm.errors import UqvlmError
+from uqvlm.extraction import encode_prompts, extract
+from uqvlm.features import Features, LastLayer
+from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
+from uqvlm.metrics import evaluate_probs
+from uqvlm.results import model_slug, write_results
+from uqvlm.tasks.common import prepare_dirs
+from uqvlm.tasks.hessian import fit_posteriors
+
+ZERO_SHOT = "zero-shot"
+ROW_COLUMNS = [
+    "strategy",
+    "budget",
+    "seed",
+    "acc",
+    "nll",
+    "ece",
+    "map_acc",
+    "map_nll",
+    "map_ece",
+    "best_epoch",
+    "select_s",
+    "finished",
+]
+TABLE_COLUMNS = [
+    "strategy",
+    "budget",
+    "acc_mean",
+    "acc_std",
+    "nll_mean",
+    "ece_mean",
+    "seeds",
+    "map_acc_mean",
+    "map_acc_std",
+    "map_nll_mean",
+    "map_ece_mean",
+]
+
+
+def _slug(text: str) -> str:
+    return "-".join(str(text).lower().replace("_", " ").split())
+
+
+def dataset_slug(data_cfg: DictConfig) -> str:
+    """``<data>-<target>`` (``+pool`` when the target's train split is in the pool)."""
+    base = f"{_slug(data_cfg.name)}-{_slug(data_cfg.target)}"
+    return base + ("+pool" if data_cfg.get("include_target_in_pool", False) else "")
+
+
+def _settings(tcfg: DictConfig) -> tuple[list[str], list[int], list[int]]:
+    strategies = list(tcfg.strategies)
+    if unknown := [s for s in strategies if s not in STRATEGIES]:
+        raise UqvlmError(f"unknown strategies {unknown}; available: {', '.join(STRATEGIES)}")
+    budgets = sorted({int(b) for b in tcfg.budgets})
+    seeds = [int(s) for s in tcfg.seeds]
+    if not strategies or not budgets or not seeds or budgets[0] < 1:
+        raise UqvlmError("task.strategies, task.budgets (positive) and task.seeds must be non-empty")
+    if tcfg.structure not in ("kfac", "diag"):
+        raise UqvlmError(f"task.structure must be 'kfac' or 'diag', got {tcfg.structure!r}")
+    return strategies, budgets, seeds
+
+
+def acquisition_config(tcfg: DictConfig) -> AcquisitionConfig:
+    dtype = {"float64": torch.float64, "float32": torch.float32}.get(str(tcfg.epig.dtype))
+    if dtype is None:
+        raise UqvlmError(f"task.epig.dtype must be float64 or float32, got {tcfg.epig.dtype!r}")
+    return AcquisitionConfig(
+        samples=int(tcfg.samples),
+        k_nearest=int(tcfg.k_nearest),
+        distance=str(tcfg.distance),
+        epig_candidates=str(tcfg.epig.candidates),
+        epig_lazy=bool(tcfg.epig.lazy),
+        epig_batch=int(tcfg.epig.batch),
+        epig_update_scale=float(tcfg.epig.update_scale),
+        epig_dtype=dtype,
+    )
+
+
+def finetune_config(tcfg: DictConfig) -> FinetuneConfig:
+    f = tcfg.finetune
+    return FinetuneConfig(
+        lr=float(f.lr), weight_decay=float(f.weight_decay), epochs=int(f.epochs), batch_size=int(f.batch_size)
+    )
+
+
+def _load_data(cfg: DictConfig, model, dirs) -> DomainData:
+    def extractor(ds, what: str) -> tuple[Features, torch.Tensor]:
+        feats = extract(
+            model.vlm,
+            ds,
+            cache_dir=dirs.cache,
+            model_id=model.identity,
+            dataset_id=ds.fingerprint(),
+            batch_size=model.batch_size,
+            num_workers=int(cfg.num_workers),
+            device=cfg.device,
+            precision=model.precision,
+            description=what,
+        )
+        return feats["image"], feats["targets"]
+
+    return build_domain_data(cfg.task.data, extractor)
+
+
+class Evaluator:
+    """Test metrics of a last layer: MAP and BayesVLM predictives on the target test split."""
+
+    def __init__(self, cfg: DictConfig, data: DomainData, text: Features, vlm, posts: dict[str, Any]):
+        self.data, self.text, self.posts = data, text, posts
+        self.scale, self.bias = vlm.logit_scale, vlm.logit_bias
+        self.ece_bins = int(cfg.task.ece_bins)
+        self.method = BayesVLM(
+            structure=cfg.task.structure,
+            predictive=cfg.posterior.predictive,
+            samples=int(cfg.posterior.mc_samples),
+            seed=int(cfg.seed),
+        )
+        self.ctx = ZeroShotContext(
+            logit_scale=self.scale,
+            logit_bias=self.bias,
+            image=data.target,
+            labels=data.target_labels,
+            text=text,
+            posterior_cfg=cfg.posterior,
+            validation_provider=lambda: (data.val, data.val_labels),
+            views_provider=self._no_views,
+            posterior_provider=lambda _structure: posts,
+        )
+        # n and lambda on both towers, as in zero-shot (the evidence by default).
+        self.method.configure_prior(self.ctx, posts)
+
+    @staticmethod
+    def _no_views(_k: int) -> list[Features]:
+        raise UqvlmError("active learning has no augmented views")
+
+    def __call__(self, layer: LastLayer) -> dict[str, float]:
+        feats = self.data.target
+        z = embed(layer, feats)  # residuals included
+        map_probs = cosine_logits(z, self.text.embeddings, self.scale, self.bias).softmax(-1)
+        bayes_probs = self.method.probs(self.ctx, Features(feats.activations, z), self.posts)
+        bayes = evaluate_probs(bayes_probs, self.data.target_labels, self.ece_bins)
+        map_ = evaluate_probs(map_probs, self.data.target_labels, self.ece_bins)
+        return {
+            "acc": bayes["acc"],
+            "nll": bayes["nll"],
+            "ece": bayes["ece"],
+            "map_acc": map_["acc"],
+            "map_nll": map_["nll"],
+            "map_ece": map_["ece"],
+        }
+
+
+def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean / std (over seeds, population std) per (strategy, budget), in STRATEGIES order."""
+    g = rows.groupby(["strategy", "budget"], sort=False)
+    table = g.agg(
+        acc_mean=("acc", "mean"),
+        acc_std=("acc", lambda x: float(x.std(ddof=0))),
+        nll_mean=("nll", "mean"),
+        ece_mean=("ece", "mean"),
+        seeds=("seed", "nunique"),
+        map_acc_mean=("map_acc", "mean"),
+        map_acc_std=("map_acc", lambda x: float(x.std(ddof=0))),
+        map_nll_mean=("map_nll", "mean"),
+        map_ece_mean=("map_ece", "mean"),
+    ).reset_index()
+    order = {s: i for i, s in enumerate([ZERO_SHOT, *STRATEGIES])}
+    table["_o"] = table["strategy"].map(lambda s: order.get(s, len(order)))
+    return table.sort_values(["_o", "budget"]).drop(columns="_o")[TABLE_COLUMNS].reset_index(drop=True)
+
+
+def read_rows(directory: Path) -> pd.DataFrame:
+    """Every job's rows of one setup; a (strategy, budget, seed) run twice keeps its latest row."""
+    frames = [pd.read_csv(p) for p in sorted(directory.glob("*.csv"))]
+    if not frames:
+        return pd.DataFrame(columns=ROW_COLUMNS)
+    rows = pd.concat(frames, ignore_index=True).sort_values("finished", kind="stable")
+    return rows.drop_duplicates(["strategy", "budget", "seed"], keep="last").reset_index(drop=True)
+
+
+def plot_curves(table: pd.DataFrame, path: Path, title: str) -> None:
+    """Accuracy (std band over seeds) and NLL vs budget per strategy; zero-shot as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_acc, ax_nll = fig.subplots(1, 2)
+    curves = table[table.strategy != ZERO_SHOT]
+    for strategy, g in curves.groupby("strategy", sort=False):
+        g = g.sort_values("budget")
+        line = ax_acc.plot(g.budget, g.acc_mean, marker="o", label=strategy)[0]
+        ax_acc.fill_between(
+            g.budget, g.acc_mean - g.acc_std, g.acc_mean + g.acc_std, color=line.get_color(), alpha=0.15
+        )
+        ax_nll.plot(g.budget, g.nll_mean, marker="o", color=line.get_color(), label=strategy)
+    zs = table[table.strategy == ZERO_SHOT]
+    if len(zs):
+        ax_acc.axhline(float(zs.acc_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
+        ax_nll.axhline(float(zs.nll_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
+    for ax, what in ((ax_acc, "test accuracy (BayesVLM)"), (ax_nll, "test NLL (BayesVLM)")):
+        ax.set_xlabel("labelled budget")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    dirs = prepare_dirs(cfg)
+    tcfg = cfg.task
+    strategies, budgets, seeds = _settings(tcfg)
+    acq, ft_cfg = acquisition_config(tcfg), finetune_config(tcfg)
+    from uqvlm.tasks.common import load_model
+
+    model = load_model(cfg, dirs)
+    vlm = model.vlm
+    data = _load_data(cfg, model, dirs)
+    if budgets[-1] > len(data.pool):
+        raise UqvlmError(f"budget {budgets[-1]} exceeds the pool of {len(data.pool)} images")
+    prompts = [[t.format(c=c) for t in data.templates] for c in data.classnames]
+    text = encode_prompts(
+        vlm,
+        prompts,
+        cache_dir=dirs.cache,
+        model_id=model.identity,
+        device=cfg.device,
+        precision=model.precision,
+    )
+    posts, post_ident = fit_posteriors(cfg, model, dirs, tcfg.structure)
+    evaluate = Evaluator(cfg, data, text, vlm, posts)
+    problem = ActiveProblem(
+        data.pool, data.target, text, vlm.logit_scale, vlm.logit_bias, posts["image"], posts["text"]
+    )
+    map_layer = posts["image"].last_layer
+    console.print(
+        f"pool {len(data.pool)} ({', '.join(data.pool_domains)}), target {data.target_labels.numel()} test / "
+        f"{data.val_labels.numel()} val, {len(data.classnames)} classes; prior precision "
+        f"{posts['image'].prior_precision:.3g} (image) / {posts['text'].prior_precision:.3g} (text), n={posts['image'].n:g}"
+    )
+
+    loop_keys = {"strategies", "budgets", "seeds"}
+    setup = cache_key(
+        model=model.identity,
+        data=data.fingerprint,
+        posterior=post_ident,
+        structure=tcfg.structure,
+        prior={t: (p.n, p.prior_precision) for t, p in posts.items()},
+        predictive=OmegaConf.to_container(cfg.posterior, resolve=True),
+        task={k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items() if k not in loop_keys},
+    )
+    out_dir = dirs.results / "active_learning" / dataset_slug(tcfg.data)
+    stem = model_slug(cfg.model)
+    rows_dir = out_dir / f"{stem}.rows" / setup
+
+    rows = [
+        {
+            "strategy": ZERO_SHOT,
+            "budget": 0,
+            "seed": -1,
+            **evaluate(map_layer),
+            "best_epoch": 0,
+            "select_s": 0.0,
+            "finished": time.time(),
+        }
+    ]
+    selections: dict[str, dict[str, list[int]]] = {}
+    with progress() as bar:
+        task = bar.add_task("active learning", total=len(strategies) * len(seeds) * (1 + len(budgets)))
+        for strategy in strategies:
+            for seed in seeds:
+                bar.update(task, description=f"{strategy} seed {seed}: selecting")
+                start = time.perf_counter()
+                sel = select(problem, strategy, budgets[-1], seed, acq)
+                select_s = time.perf_counter() - start
+                selections.setdefault(strategy, {})[str(seed)] = sel.indices.tolist()
+                bar.advance(task)
+                for budget in budgets:
+                    bar.update(task, description=f"{strategy} seed {seed}: fine-tuning on {budget}")
+                    idx = sel.indices[:budget]
+                    train = Features(
+                        data.pool.activations[idx],
+                        data.pool.embeddings[idx],
+                        None if data.pool.residuals is None else data.pool.residuals[idx],
+                    )
+                    result = finetune_image_layer(
+                        map_layer,
+                        train,
+                        data.pool_labels[idx],
+                        data.val,
+                        data.val_labels,
+                        text.embeddings,
+                        vlm.logit_scale,
+                        vlm.logit_bias,
+                        ft_cfg,
+                        make_generator(seed, "finetune", strategy, str(budget)),
+                    )
+                    rows.append(
+                        {
+                            "strategy": strategy,
+                            "budget": budget,
+                            "seed": seed,
+                            **evaluate(result.layer),
+                            "best_epoch": result.best_epoch,
+                            "select_s": select_s,
+                            "finished": time.time(),
+                        }
+                    )
+                    bar.advance(task)
+
+    job = cache_key(strategies=strategies, budgets=budgets, seeds=seeds)[:12]
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(rows_dir / f"{job}.csv", "w") as f:
+        pd.DataFrame(rows, columns=ROW_COLUMNS).to_csv(f, index=False, float_format="%.6f")
+    with atomic_write(rows_dir / f"{job}.selections.json", "w") as f:
+        import json
+
+        json.dump(
+            {
+                "pool_domains": data.pool_domains,
+                "pool_domain": data.pool_domain.tolist(),
+                "selections": selections,
+            },
+            f,
+        )
+
+    table = aggregate(read_rows(rows_dir))
+    title = f"active learning {dataset_slug(tcfg.data)} / {cfg.model.name}"
+    write_results(
+        table,
+        out_dir,
+        stem,
+        title=title,
+        cfg=cfg,
+        provenance={
+            "setup": setup,
+            "job_rows": str(rows_dir),
+            "posterior": post_ident,
+            "model": model.identity,
+            "columns": "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; std over seeds (ddof=0)",
+        },
+    )
+    plot_curves(table, out_dir / f"{stem}.png", title)
+    console.print(f"learning curves: {out_dir / f'{stem}.png'}")
+    return table
