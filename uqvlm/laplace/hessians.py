@@ -1,0 +1,373 @@
+"""Exact output-space GGNs of the contrastive losses (method.md section 2).
+
+For a source embedding z (unnormalised, r = ||z||, u = z / r) compared with C normalised targets y_c,
+the GGN of the loss w.r.t. z is ``s^2 J M J^T`` with ``J = (I - u u^T) / r`` and
+
+- InfoNCE: ``M = sum_c p_c y_c y_c^T - m m^T``, ``p = softmax(s u^T y)``, ``m = sum_c p_c y_c``;
+- SigLIP:  ``M = sum_c w_c y_c y_c^T``, ``w_c = sigma(l_c) (1 - sigma(l_c))``, ``l_c = s u^T y_c + beta``.
+
+Summed over a batch of sources this never needs a per-source D x D matrix: with ``v = M u``,
+``J M J^T = (M - u w^T - w u^T) / r^2`` where ``w = v - (u^T v / 2) u``; every piece is a product of
+per-source vectors, plus ``Y^T diag(q) Y`` for the summed weights ``q``. Per chunk of b sources the work is
+the b x C logits and one [2b, C] x [C, D] product (InfoNCE: the softmax weights and the weights times the
+logits, stacked; SigLIP needs only the latter, the diagonals add one weights x Y^2 product), all in the input
+dtype; then O(b D^2 + C D^2) float64 GEMMs for the D x D sums. Sources are processed in row chunks so that
+one [chunk, C] block stays near ``LOGITS_BUDGET_BYTES``; two such blocks are live at a time.
+
+InfoNCE is evaluated around the arg-max target t (exactly the same algebra, since the arg-max term of
+``sum_c p_c (y_c - t)(y_c - t)^T`` vanishes): with CLIP's scale the softmax is nearly one-hot, and
+``sum_c p_c y_c y_c^T - m m^T`` would then be a small difference of O(1) float32 quantities, while around t
+every term is of the size of the result.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "infonce_hessian",
+    "infonce_hessian_diagonals",
+    "naive_infonce_hessian",
+    "siglip_hessian",
+    "siglip_hessian_diagonals",
+]
+
+# Bytes of one [chunk, C] logits block; the working set is about two such blocks. (At C = 4096, 512-row
+# chunks were ~10% faster single-threaded, fewer page faults, but slower with two threads on a contended
+# CPU, where every extra op waits for a core.)
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+_F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scalar(value: float | Tensor, name: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (float or 0-d tensor), got shape {tuple(value.shape)}")
+        value = value.detach().to("cpu", _F64).item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_matrix(x: Tensor, name: str) -> Tensor:
+    """Validate a [rows, D] embedding matrix; return its row norms in float64."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    # in row blocks, so that no float64 copy of a large source matrix is ever held
+    step = max(1, 2**24 // x.shape[1])
+    norms = torch.cat(
+        [
+            torch.linalg.vector_norm(x[i : i + step].detach().to(_F64), dim=1)
+            for i in range(0, x.shape[0], step)
+        ]
+    )
+    # A NaN/Inf entry makes its row norm non-finite, so one pass over x checks both.
+    bad = ~torch.isfinite(norms.reciprocal().square()) | ~torch.isfinite(norms)
+    if bool(bad.any()):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} has {int(bad.sum())} row(s) with zero (or under/overflowing) norm "
+            f"(first: row {row}, norm {float(norms[row])}); cannot normalise"
+        )
+    return norms
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+@dataclass
+class _Problem:
+    source: Tensor  # [B, D], as given (detached)
+    r: Tensor  # [B] float64 source norms
+    y64: Tensor  # [C, D] float64 normalised targets
+    y: Tensor  # [C, D] normalised targets in the compute dtype
+    s: float  # exp(logit_scale)
+    bias: float
+    chunk: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.y.dtype
+
+
+def _problem(
+    source: Tensor,
+    target: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor | None,
+    chunk_size: int | None,
+) -> _Problem:
+    r = _check_matrix(source, "source")
+    t_norm = _check_matrix(target, "target")
+    if source.shape[1] != target.shape[1]:
+        raise ValueError(
+            f"source and target embedding dims differ: source D={source.shape[1]}, target D={target.shape[1]}"
+        )
+    if source.device != target.device:
+        raise ValueError(f"source is on {source.device} but target is on {target.device}")
+    log_s = _scalar(logit_scale, "logit_scale")
+    bias = 0.0 if logit_bias is None else _scalar(logit_bias, "logit_bias")
+    _check_chunk_size(chunk_size)
+
+    dtype = torch.promote_types(source.dtype, target.dtype)
+    if dtype not in (torch.float32, _F64):
+        dtype = torch.float32  # half precision is too coarse for the weights, and slow on CPU
+    s = math.exp(log_s) if log_s < 710 else math.inf
+    if not math.isfinite(s) or s * (1 + abs(bias)) > torch.finfo(dtype).max / 4:
+        raise ValueError(f"logit_scale={log_s} is too large: exp(logit_scale) overflows {dtype}")
+
+    y64 = target.detach().to(_F64) / t_norm[:, None]
+    n_rows, n_targets = source.shape[0], target.shape[0]
+    if chunk_size is None:
+        itemsize = torch.finfo(dtype).bits // 8
+        chunk_size = max(1, LOGITS_BUDGET_BYTES // (n_targets * itemsize))
+    return _Problem(source.detach(), r, y64, y64.to(dtype), s, bias, min(int(chunk_size), n_rows))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-chunk statistics
+# ----------------------------------------------------------------------------------------------------------
+#
+# For one source, with v = M u and w = v - (u^T v / 2) u, J M J^T = rho (M - u w^T - w u^T), rho = 1 / r^2.
+# InfoNCE writes M around the arg-max target t = y_i: with p' the softmax without entry i, sigma' = sum p',
+# k = Y^T p', n = k - sigma' t (= m - t) and a = k - sigma' t / 2,
+#     M = sum_c p'_c (y_c - t)(y_c - t)^T - n n^T = Y^T diag(p') Y - a t^T - t a^T - n n^T.
+# So sum_b J_b M_b J_b^T = Y^T diag(q) Y - sym(sum_b rho_b (w_b u_b^T + a_b t_b^T + n_b n_b^T / 2)), with
+# q = sum_b rho_b p'_b and sym(X) = X + X^T; SigLIP is the same without the (a, t) and n terms. As t_b is a
+# row of Y, the (a, t) terms join the Gram product: sym(Y^T (diag(q) Y / 2 - Abar)), Abar_c summing
+# rho_b a_b over the sources whose arg-max is c. That leaves 2 B + C rows of float64 GEMM in all.
+
+
+@dataclass
+class _Chunk:
+    """Float64 quantities of one chunk of b sources."""
+
+    q: Tensor  # [C] this chunk's sum_b rho_b p'_b
+    # sum path: rows of the D x D update -sym(lhs^T rhs), i.e. [w; n] against rho [u; n / 2]
+    lhs: Tensor | None = None
+    rhs: Tensor | None = None
+    idx: Tensor | None = None  # [b] arg-max targets (InfoNCE)
+    rho_a: Tensor | None = None  # [b, D] rho_b a_b (InfoNCE)
+    diag: Tensor | None = None  # [b, D] diagonals of J_b M_b J_b^T (without s^2), when requested
+
+
+def _scaled_sources(pb: _Problem, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+    """u (float64), s * u in the compute dtype, and rho = 1 / r^2 for sources [start, stop)."""
+    r = pb.r[start:stop]
+    u = pb.source[start:stop].to(_F64) / r[:, None]
+    return u, (u * pb.s).to(pb.dtype), r.pow(-2)
+
+
+def _infonce_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
+    source, y, dtype, s = pb.source, pb.y, pb.dtype, pb.s
+    y_sq = y.square() if diag else None
+    # One buffer, reused across chunks (fresh pages cost as much as a pass over them), holds [E; E * Delta]
+    # so that both target products are a single matmul.
+    work = torch.empty(2 * pb.chunk, y.shape[0], dtype=dtype, device=y.device)
+    for start in range(0, source.shape[0], pb.chunk):
+        stop = min(start + pb.chunk, source.shape[0])
+        b = stop - start
+        u, us, rho = _scaled_sources(pb, start, stop)
+
+        buf = work[: 2 * b]
+        e, delta = buf[:b], buf[b:]
+        torch.matmul(us, y.T, out=delta)  # logits
+        lmax, idx = delta.max(dim=1)
+        delta.sub_(lmax[:, None])  # Delta = l - l* <= 0: a stable softmax
+        torch.exp(delta, out=e)
+        e.scatter_(1, idx[:, None], 0.0)  # p' (unnormalised): the softmax without the arg-max entry
+        e_sum = e.sum(dim=1).to(_F64)
+        inv_z = 1.0 / (1.0 + e_sum)  # 1 / softmax normaliser
+        q = ((rho * inv_z).to(dtype) @ e).to(_F64)
+        e2 = (e @ y_sq).to(_F64).mul_(inv_z[:, None]) if diag else None
+        delta.mul_(e)
+        ed_sum = delta.sum(dim=1).to(_F64)
+        prods = (buf @ y).to(_F64)
+
+        k = prods[:b].mul_(inv_z[:, None])  # Y^T p'
+        h = prods[b:].mul_((inv_z / s)[:, None])  # sum_c p'_c (u^T (y_c - t)) y_c
+        sig = (e_sum * inv_z)[:, None]  # sigma' = 1 - p_t
+        pd = (ed_sum * (inv_z / s))[:, None]  # sum_c p'_c u^T (y_c - t)
+        t = pb.y64[idx]
+
+        lhs = torch.empty(2 * b, k.shape[1], dtype=_F64, device=y.device)
+        w, n = lhs[:b], lhs[b:]
+        torch.addcmul(k, sig, t, value=-1.0, out=n)
+        torch.addcmul(h, pd, t, value=-1.0, out=w)  # v = M u = h - pd t - (n^T u) n
+        w.addcmul_(torch.einsum("bd,bd->b", n, u)[:, None], n, value=-1.0)
+        w.addcmul_(torch.einsum("bd,bd->b", u, w)[:, None], u, value=-0.5)
+        a = k.addcmul_(sig, t, value=-0.5)
+        if diag:
+            d = e2.addcmul_(u, w, value=-2.0).addcmul_(a, t, value=-2.0).addcmul_(n, n, value=-1.0)
+            yield _Chunk(q=q, diag=d.mul_(rho[:, None]))
+        else:
+            rhs = torch.empty_like(lhs)
+            torch.mul(u, rho[:, None], out=rhs[:b])
+            torch.mul(n, (0.5 * rho)[:, None], out=rhs[b:])
+            yield _Chunk(q=q, lhs=lhs, rhs=rhs, idx=idx, rho_a=a.mul_(rho[:, None]))
+
+
+def _siglip_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
+    source, y, dtype, s = pb.source, pb.y, pb.dtype, pb.s
+    y_sq = y.square() if diag else None
+    work = torch.empty(2 * pb.chunk, y.shape[0], dtype=dtype, device=y.device)  # reused across chunks
+    for start in range(0, source.shape[0], pb.chunk):
+        stop = min(start + pb.chunk, source.shape[0])
+        b = stop - start
+        u, us, rho = _scaled_sources(pb, start, stop)
+
+        g, wt = work[:b], work[b : 2 * b]
+        torch.matmul(us, y.T, out=g)  # logits without the bias
+        torch.add(g, pb.bias, out=wt)
+        # sigma(l)(1 - sigma(l)) = x (1 - x) with x = sigma(-|l|) <= 1/2: no cancellation in 1 - x.
+        wt.abs_().neg_().sigmoid_()
+        wt.addcmul_(wt, wt, value=-1.0)
+        q = (rho.to(dtype) @ wt).to(_F64)
+        e2 = (wt @ y_sq).to(_F64) if diag else None
+        g.mul_(wt)
+        w = (g @ y).to(_F64).div_(s)  # v = M u = sum_c w_c (u^T y_c) y_c
+        w.addcmul_(torch.einsum("bd,bd->b", u, w)[:, None], u, value=-0.5)
+        if diag:
+            yield _Chunk(q=q, diag=e2.addcmul_(u, w, value=-2.0).mul_(rho[:, None]))
+        else:
+            yield _Chunk(q=q, lhs=w, rhs=u.mul_(rho[:, None]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# assembly
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sum_hessian(pb: _Problem, chunks: Iterator[_Chunk]) -> Tensor:
+    y64 = pb.y64
+    q = torch.zeros(y64.shape[0], dtype=_F64, device=y64.device)
+    acc = torch.zeros(y64.shape[1], y64.shape[1], dtype=_F64, device=y64.device)
+    gram_rhs = None  # becomes diag(q) Y / 2 - Abar
+    for ch in chunks:
+        q += ch.q
+        acc.addmm_(ch.lhs.T, ch.rhs, alpha=-1.0)
+        if ch.idx is not None:
+            if gram_rhs is None:
+                gram_rhs = torch.zeros_like(y64)
+            # index_put_ rather than index_add_, which is ~50x slower on CPU here
+            gram_rhs.index_put_((ch.idx,), ch.rho_a.neg_(), accumulate=True)
+    if gram_rhs is None:
+        gram_rhs = y64 * (0.5 * q)[:, None]
+    else:
+        gram_rhs.addcmul_(y64, (0.5 * q)[:, None])
+    acc.addmm_(y64.T, gram_rhs)
+    return pb.s**2 * (acc + acc.T)
+
+
+def _diagonals(pb: _Problem, chunks: Iterator[_Chunk]) -> Tensor:
+    return torch.cat([ch.diag for ch in chunks]).mul_(pb.s**2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def infonce_hessian(
+    source: Tensor, target: Tensor, logit_scale: float | Tensor, *, chunk_size: int | None = None
+) -> Tensor:
+    """Sum over the rows z_b of ``source`` of the InfoNCE GGN w.r.t. the unnormalised embedding z_b.
+
+    ``source`` is [B, D] (unnormalised), ``target`` [C, D] (normalised here); the softmax runs over all C
+    targets with multiplier ``exp(logit_scale)`` (open_clip's log scale). The GGN does not depend on the
+    label. The C x D products run in the input dtype; the D x D sums in float64. Sources are processed in
+    chunks of ``chunk_size`` rows (default: about 256 MiB of logits). Returns a symmetric float64 [D, D].
+    """
+    pb = _problem(source, target, logit_scale, None, chunk_size)
+    return _sum_hessian(pb, _infonce_chunks(pb, diag=False))
+
+
+def siglip_hessian(
+    source: Tensor,
+    target: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Sum over all B x C pairs of the SigLIP (sigmoid loss) GGN w.r.t. the unnormalised source embedding.
+
+    Logits are ``exp(logit_scale) u_b^T y_c + logit_bias``; the GGN weight sigma(l)(1 - sigma(l)) is the
+    same for positive and negative labels, so no label matrix is needed. Returns a symmetric float64 [D, D].
+    """
+    pb = _problem(source, target, logit_scale, logit_bias, chunk_size)
+    return _sum_hessian(pb, _siglip_chunks(pb, diag=False))
+
+
+def infonce_hessian_diagonals(
+    source: Tensor, target: Tensor, logit_scale: float | Tensor, *, chunk_size: int | None = None
+) -> Tensor:
+    """Per-source diagonals [B, D] (float64) of the InfoNCE GGNs summed by :func:`infonce_hessian`."""
+    pb = _problem(source, target, logit_scale, None, chunk_size)
+    return _diagonals(pb, _infonce_chunks(pb, diag=True))
+
+
+def siglip_hessian_diagonals(
+    source: Tensor,
+    target: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-source diagonals [B, D] (float64) of the SigLIP GGNs summed by :func:`siglip_hessian`."""
+    pb = _problem(source, target, logit_scale, logit_bias, chunk_size)
+    return _diagonals(pb, _siglip_chunks(pb, diag=True))
+
+
+def naive_infonce_hessian(
+    source: Tensor, target: Tensor, logit_scale: float | Tensor, group: int = 5
+) -> Tensor:
+    """The published per-source algorithm: an explicit [group, D, D] ``s^2 J M J^T`` per group of sources.
+
+    Costs O(B C D^2); kept as a benchmark baseline and a second reference for tests. Returns float64 [D, D].
+    """
+    pb = _problem(source, target, logit_scale, None, None)
+    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    y, dtype, s = pb.y, pb.dtype, pb.s
+    dim = y.shape[1]
+    eye = torch.eye(dim, dtype=dtype, device=y.device)
+    acc = torch.zeros(dim, dim, dtype=_F64, device=y.device)
+    for start in range(0, pb.source.shape[0], group):
+        z = pb.source[start : start + group].to(dtype)
+        r = torch.linalg.vector_norm(z, dim=1)
+        u = z / r[:, None]
+        p = torch.softmax(s * (u @ y.T), dim=1)
+        m = p @ y
+        mid = torch.einsum("gc,cd,ce->gde", p, y, y) - m[:, :, None] * m[:, None, :]
+        jac = (eye - u[:, :, None] * u[:, None, :]) / r[:, None, None]
+        acc += (s**2 * (jac @ mid @ jac.transpose(1, 2))).sum(dim=0).to(_F64)
+    return (acc + acc.T) / 2
