@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ examples:
   uqvlm run model=clip-b32 dataset=imagenet-r
   uqvlm run -m posterior.prior_precision=1,10,100
 """
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 TASKS = {
     "zeroshot": "uqvlm.tasks.zeroshot",
@@ -71,13 +74,30 @@ def should_skip_existing(cfg: DictConfig) -> bool:
     return bool(setting)
 
 
-@hydra.main(config_path="pkg://uqvlm.configs", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def task_main(cfg: DictConfig) -> float | None:
+    """Hydra's task function (module-level and undecorated, so launchers such as submitit can pickle it
+    by reference)."""
     try:
         return run_task(cfg)
-    except UqvlmError as err:
+    except (UqvlmError, ValueError) as err:
+        # Bad input (config values, data, caches): one clear line. UQVLM_DEBUG=1 shows the traceback.
+        if os.environ.get("UQVLM_DEBUG"):
+            raise
         console.print(f"[bold red]error:[/] {err}")
         raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno not in DISK_ERRORS or os.environ.get("UQVLM_DEBUG"):
+            raise
+        console.print(
+            f"[bold red]error:[/] cannot write {err.filename or 'output'}: {err.strerror}. Nothing partial was "
+            "left behind (writes are atomic); free space or choose paths.cache_dir / paths.results_dir elsewhere."
+        )
+        raise SystemExit(2) from None
+
+
+_hydra_main = hydra.main(config_path="pkg://uqvlm.configs", config_name="config", version_base="1.3")(
+    task_main
+)
 
 
 def report(argv: list[str]) -> None:

@@ -223,6 +223,7 @@ def plot_curves(table: pd.DataFrame, path: Path, title: str) -> None:
         ax_acc.axhline(float(zs.acc_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
         ax_nll.axhline(float(zs.nll_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
     for ax, what in ((ax_acc, "test accuracy (BayesVLM)"), (ax_nll, "test NLL (BayesVLM)")):
+        ax.set_xticks(sorted(curves.budget.unique()))
         ax.set_xlabel("labelled budget")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from uqvlm.cache import file_digest
+from uqvlm.errors import UqvlmError
 from uqvlm.paths import ensure_writable
 
 
@@ -20,11 +21,51 @@ class RunDirs:
 
 
 def prepare_dirs(cfg: DictConfig) -> RunDirs:
-    """Check, before any compute, that the cache and results directories are writable."""
+    """Check, before any compute, the config and that the cache and results directories are writable."""
+    validate_config(cfg)
     return RunDirs(
         cache=ensure_writable(cfg.paths.cache_dir, "cache"),
         results=ensure_writable(cfg.paths.results_dir, "results"),
     )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject bad or incompatible settings before any compute, naming the config key."""
+    from uqvlm.models.adapter import check_model_name
+
+    name = cfg.model.name
+    if not str(name).startswith(("hf-hub:", "local-dir:")):
+        check_model_name(name)
+    if cfg.model.get("pretrained") == "shapes" and name != "uqvlm-tiny":
+        raise UqvlmError(
+            f"model.pretrained=shapes is uqvlm's own checkpoint for uqvlm-tiny, not for {name!r}"
+        )
+    post = cfg.posterior
+    n = post.n
+    if isinstance(n, bool) or not isinstance(n, int | float) or not n > 0 or n != n:
+        raise UqvlmError(f"posterior.n must be a positive number (the pseudo-data count), got {n!r}")
+    lam = post.prior_precision
+    if isinstance(lam, str):
+        if lam not in ("evidence", "grid"):
+            raise UqvlmError(
+                f"posterior.prior_precision must be a positive number, 'evidence' or 'grid'; got {lam!r}"
+            )
+    elif isinstance(lam, bool) or not isinstance(lam, int | float) or not lam > 0 or lam == float("inf"):
+        raise UqvlmError(f"posterior.prior_precision must be a positive finite number, got {lam!r}")
+    if post.predictive not in ("probit", "mc"):
+        raise UqvlmError(f"posterior.predictive must be 'probit' or 'mc', got {post.predictive!r}")
+    if post.evidence_variant not in ("exact", "reference"):
+        raise UqvlmError(
+            f"posterior.evidence_variant must be 'exact' or 'reference', got {post.evidence_variant!r}"
+        )
+    unknown = set(post.structures) - {"kfac", "diag"}
+    if unknown:
+        raise UqvlmError(f"posterior.structures may hold kfac and diag, got {sorted(unknown)}")
+    if cfg.hessian_data.kind == "published" and "diag" in post.structures:
+        raise UqvlmError(
+            "hessian_data=published provides KFAC factors only: use posterior=kfac, or Hessian data "
+            "(e.g. hessian_data=laion400m) for a diagonal posterior"
+        )
 
 
 def resolve_pretrained(model_cfg: DictConfig, cache_dir: Path) -> str | None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
 from uqvlm.data.registry import build_zeroshot_dataset
-from uqvlm.errors import DatasetFormatError, UqvlmError
+from uqvlm.errors import DataUnavailableError, DatasetFormatError, UqvlmError
 from uqvlm.extraction import encode_prompts, extract
 from uqvlm.methods import BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_probs
@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     methods = selected_methods(cfg)
     # The dataset first: a missing dataset is reported before a model is loaded (or pretrained).
     dataset = build_zeroshot_dataset(cfg.dataset)
+    if len(dataset) == 0:
+        raise DataUnavailableError(f"dataset {cfg.dataset.name!r} (split {dataset.split!r}) is empty")
     model = load_model(cfg, dirs)
     vlm = model.vlm
     image, labels = _features(cfg, model, dirs, dataset, f"{cfg.dataset.name} {dataset.split}")
