@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
 from uqvlm.data.registry import build_zeroshot_dataset
-from uqvlm.errors import DataUnavailableError, DatasetFormatError, UqvlmError
+from uqvlm.errors import DatasetFormatError, DataUnavailableError, UqvlmError
 from uqvlm.extraction import encode_prompts, extract
 from uqvlm.methods import BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_probs
