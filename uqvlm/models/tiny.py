@@ -8,6 +8,7 @@ open_clip's own transform at native size, whose resize and centre crop are then 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import tempfile
@@ -42,7 +43,13 @@ def register_model_configs() -> None:
 def create_tiny(pretrained: str | Path | None = None) -> tuple[nn.Module, open_clip.SimpleTokenizer]:
     """The ``uqvlm-tiny`` model (random init when ``pretrained`` is None) and its tokenizer."""
     register_model_configs()
-    model = open_clip.create_model(MODEL_NAME, pretrained=None if pretrained is None else str(pretrained))
+    if pretrained is None:
+        # open_clip warns that the model is "initialized randomly": here that is the point (pretraining).
+        logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(MODEL_NAME, pretrained=None if pretrained is None else str(pretrained))
+    finally:
+        logging.disable(logging.NOTSET)
     return model, open_clip.get_tokenizer(MODEL_NAME)
 
 
