@@ -9,6 +9,7 @@ multirun over strategies, budgets or seeds fills one table.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from uqvlm.features import Features, LastLayer
 from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
 from uqvlm.metrics import evaluate_probs
 from uqvlm.results import model_slug, write_results
-from uqvlm.tasks.common import prepare_dirs
+from uqvlm.tasks.common import load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 ZERO_SHOT = "zero-shot"
@@ -234,13 +235,32 @@ def plot_curves(table: pd.DataFrame, path: Path, title: str) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
+def _subset(feats: Features, idx: torch.Tensor) -> Features:
+    return Features(
+        feats.activations[idx],
+        feats.embeddings[idx],
+        None if feats.residuals is None else feats.residuals[idx],
+    )
+
+
+def _setup_key(cfg: DictConfig, model, data: DomainData, posts: dict[str, Any], post_ident: dict) -> str:
+    """Everything that determines a row except the loop lists (strategies, budgets, seeds)."""
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    return cache_key(
+        model=model.identity,
+        data=data.fingerprint,
+        posterior=post_ident,
+        prior={t: (p.n, p.prior_precision) for t, p in posts.items()},
+        predictive=OmegaConf.to_container(cfg.posterior, resolve=True),
+        task={k: v for k, v in task.items() if k not in ("strategies", "budgets", "seeds")},
+    )
+
+
 def run(cfg: DictConfig) -> pd.DataFrame:
     dirs = prepare_dirs(cfg)
     tcfg = cfg.task
     strategies, budgets, seeds = _settings(tcfg)
     acq, ft_cfg = acquisition_config(tcfg), finetune_config(tcfg)
-    from uqvlm.tasks.common import load_model
-
     model = load_model(cfg, dirs)
     vlm = model.vlm
     data = _load_data(cfg, model, dirs)
@@ -256,7 +276,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         precision=model.precision,
     )
     posts, post_ident = fit_posteriors(cfg, model, dirs, tcfg.structure)
-    evaluate = Evaluator(cfg, data, text, vlm, posts)
+    evaluate = Evaluator(cfg, data, text, vlm, posts)  # sets n and the prior precision first
     problem = ActiveProblem(
         data.pool, data.target, text, vlm.logit_scale, vlm.logit_bias, posts["image"], posts["text"]
     )
@@ -264,34 +284,12 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     console.print(
         f"pool {len(data.pool)} ({', '.join(data.pool_domains)}), target {data.target_labels.numel()} test / "
         f"{data.val_labels.numel()} val, {len(data.classnames)} classes; prior precision "
-        f"{posts['image'].prior_precision:.3g} (image) / {posts['text'].prior_precision:.3g} (text), n={posts['image'].n:g}"
+        f"{posts['image'].prior_precision:.3g} (image) / {posts['text'].prior_precision:.3g} (text), "
+        f"n={posts['image'].n:g}"
     )
 
-    loop_keys = {"strategies", "budgets", "seeds"}
-    setup = cache_key(
-        model=model.identity,
-        data=data.fingerprint,
-        posterior=post_ident,
-        structure=tcfg.structure,
-        prior={t: (p.n, p.prior_precision) for t, p in posts.items()},
-        predictive=OmegaConf.to_container(cfg.posterior, resolve=True),
-        task={k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items() if k not in loop_keys},
-    )
-    out_dir = dirs.results / "active_learning" / dataset_slug(tcfg.data)
-    stem = model_slug(cfg.model)
-    rows_dir = out_dir / f"{stem}.rows" / setup
-
-    rows = [
-        {
-            "strategy": ZERO_SHOT,
-            "budget": 0,
-            "seed": -1,
-            **evaluate(map_layer),
-            "best_epoch": 0,
-            "select_s": 0.0,
-            "finished": time.time(),
-        }
-    ]
+    row0 = {"strategy": ZERO_SHOT, "budget": 0, "seed": -1, **evaluate(map_layer), "best_epoch": 0}
+    rows = [{**row0, "select_s": 0.0, "finished": time.time()}]
     selections: dict[str, dict[str, list[int]]] = {}
     with progress() as bar:
         task = bar.add_task("active learning", total=len(strategies) * len(seeds) * (1 + len(budgets)))
@@ -306,14 +304,9 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                 for budget in budgets:
                     bar.update(task, description=f"{strategy} seed {seed}: fine-tuning on {budget}")
                     idx = sel.indices[:budget]
-                    train = Features(
-                        data.pool.activations[idx],
-                        data.pool.embeddings[idx],
-                        None if data.pool.residuals is None else data.pool.residuals[idx],
-                    )
                     result = finetune_image_layer(
                         map_layer,
-                        train,
+                        _subset(data.pool, idx),
                         data.pool_labels[idx],
                         data.val,
                         data.val_labels,
@@ -323,12 +316,10 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                         ft_cfg,
                         make_generator(seed, "finetune", strategy, str(budget)),
                     )
+                    row = {"strategy": strategy, "budget": budget, "seed": seed, **evaluate(result.layer)}
                     rows.append(
                         {
-                            "strategy": strategy,
-                            "budget": budget,
-                            "seed": seed,
-                            **evaluate(result.layer),
+                            **row,
                             "best_epoch": result.best_epoch,
                             "select_s": select_s,
                             "finished": time.time(),
@@ -336,13 +327,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     )
                     bar.advance(task)
 
+    out_dir = dirs.results / "active_learning" / dataset_slug(tcfg.data)
+    stem = model_slug(cfg.model)
+    rows_dir = out_dir / f"{stem}.rows" / _setup_key(cfg, model, data, posts, post_ident)
     job = cache_key(strategies=strategies, budgets=budgets, seeds=seeds)[:12]
-    rows_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(rows_dir / f"{job}.csv", "w") as f:
         pd.DataFrame(rows, columns=ROW_COLUMNS).to_csv(f, index=False, float_format="%.6f")
     with atomic_write(rows_dir / f"{job}.selections.json", "w") as f:
-        import json
-
         json.dump(
             {
                 "pool_domains": data.pool_domains,
@@ -354,20 +345,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     table = aggregate(read_rows(rows_dir))
     title = f"active learning {dataset_slug(tcfg.data)} / {cfg.model.name}"
-    write_results(
-        table,
-        out_dir,
-        stem,
-        title=title,
-        cfg=cfg,
-        provenance={
-            "setup": setup,
-            "job_rows": str(rows_dir),
-            "posterior": post_ident,
-            "model": model.identity,
-            "columns": "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; std over seeds (ddof=0)",
-        },
-    )
+    provenance = {
+        "job_rows": str(rows_dir),
+        "posterior": post_ident,
+        "model": model.identity,
+        "columns": "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; std over seeds (ddof=0)",
+    }
+    write_results(table, out_dir, stem, title=title, cfg=cfg, provenance=provenance)
     plot_curves(table, out_dir / f"{stem}.png", title)
     console.print(f"learning curves: {out_dir / f'{stem}.png'}")
     return table

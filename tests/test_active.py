@@ -1,0 +1,416 @@
+"""Active learning: acquisition math against brute force, strategies, fine-tuning, domains, the task."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from uqvlm.active.acquisition import (
+    assign_nearest_unused,
+    bald,
+    entropy,
+    epig,
+    epig_upper_bound,
+    gaussian_distances,
+    nearest,
+)
+from uqvlm.active.finetune import FinetuneConfig, finetune_image_layer
+from uqvlm.active.strategies import (
+    STRATEGIES,
+    AcquisitionConfig,
+    ActiveProblem,
+    add_curvature,
+    greedy_epig,
+    select,
+)
+from uqvlm.features import Features
+from uqvlm.laplace import DiagPosterior, KFACPosterior, infonce_hessian, infonce_hessian_diagonals
+
+F64 = torch.float64
+
+
+def _probs(gen: torch.Generator, n: int, s: int, k: int, spread: float = 1.0) -> torch.Tensor:
+    return (spread * torch.randn(n, s, k, generator=gen, dtype=F64)).softmax(-1)
+
+
+# ------------------------------------------------------------------------------------------------ EPIG / BALD
+
+
+def brute_epig(pool: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over targets of I(y; y*), enumerating (y, y*) with the joint p(y, y*) = mean_s p_s(y) p_s(y*)."""
+    out = []
+    for x in range(pool.shape[0]):
+        total = 0.0
+        for xs in range(target.shape[0]):
+            s_count = pool.shape[1]
+            joint = {
+                (y, ys): sum(float(pool[x, s, y] * target[xs, s, ys]) for s in range(s_count)) / s_count
+                for y, ys in itertools.product(range(pool.shape[2]), range(target.shape[2]))
+            }
+            py = {y: sum(v for (a, _), v in joint.items() if a == y) for y in range(pool.shape[2])}
+            pys = {ys: sum(v for (_, b), v in joint.items() if b == ys) for ys in range(target.shape[2])}
+            total += sum(v * math.log(v / (py[y] * pys[ys])) for (y, ys), v in joint.items() if v > 0)
+        out.append(total / target.shape[0])
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("max_elements", [7, 1 << 20])
+def test_epig_matches_enumeration(max_elements):
+    gen = torch.Generator().manual_seed(0)
+    pool, target = _probs(gen, 4, 5, 3, 2.0), _probs(gen, 3, 5, 4, 2.0)
+    ref = brute_epig(pool, target)
+    assert torch.allclose(epig(pool, target, max_elements=max_elements), ref, atol=1e-14, rtol=1e-12)
+    got32 = epig(pool, target, dtype=torch.float32, max_elements=max_elements)
+    assert torch.allclose(got32, ref, rtol=1e-4, atol=1e-9)
+    assert (epig_upper_bound(pool, target) >= ref - 1e-14).all()
+
+
+def test_epig_small_dependence_is_accurate_and_zero_without_dependence():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 1, 5, generator=gen, dtype=F64)
+    pool = (base + 1e-3 * torch.randn(6, 50, 5, generator=gen, dtype=F64)).softmax(-1)
+    target = (
+        torch.randn(7, 1, 5, generator=gen, dtype=F64)
+        + 1e-3 * torch.randn(7, 50, 5, generator=gen, dtype=F64)
+    ).softmax(-1)
+    e64 = epig(pool, target)
+    assert (e64 > 0).all() and (e64 < 1e-5).all()
+    # No difference of entropies: float32 keeps a few digits even at EPIG ~ 1e-7.
+    assert torch.allclose(epig(pool, target, dtype=torch.float32), e64, rtol=1e-2)
+    frozen = pool[:, :1].expand(-1, 50, -1)  # the same prediction under every sample: no information
+    assert epig(frozen, target).abs().max() < 1e-15
+
+
+def test_bald_against_hand_computation():
+    h = lambda *p: -sum(x * math.log(x) for x in p if x > 0)  # noqa: E731
+    probs = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 1.0]],  # total disagreement: log 2
+            [[0.5, 0.5], [0.5, 0.5]],  # agreement: 0
+            [[0.9, 0.1], [0.5, 0.5]],
+        ],
+        dtype=F64,
+    )
+    expected = [math.log(2), 0.0, h(0.7, 0.3) - 0.5 * (h(0.9, 0.1) + math.log(2))]
+    assert torch.allclose(bald(probs), torch.tensor(expected, dtype=F64), atol=1e-15)
+    assert entropy(torch.tensor([[0.25] * 4])).item() == pytest.approx(math.log(4))
+    assert entropy(torch.tensor([[1.0, 0.0]])).item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------- targeting
+
+
+def _gaussians(gen: torch.Generator, n: int, d: int = 5):
+    return torch.randn(n, d, generator=gen, dtype=F64), torch.rand(n, d, generator=gen, dtype=F64)
+
+
+def brute_distance(m1, v1, m2, v2, metric: str) -> float:
+    if metric == "wasserstein":
+        return sum((a - b) ** 2 for a, b in zip(m1.tolist(), m2.tolist(), strict=True)) + sum(
+            (math.sqrt(a) - math.sqrt(b)) ** 2 for a, b in zip(v1.tolist(), v2.tolist(), strict=True)
+        )
+    s1 = sum(a * a + v for a, v in zip(m1.tolist(), v1.tolist(), strict=True))
+    s2 = sum(a * a + v for a, v in zip(m2.tolist(), v2.tolist(), strict=True))
+    return -sum(a * b for a, b in zip(m1.tolist(), m2.tolist(), strict=True)) / math.sqrt(s1 * s2)
+
+
+@pytest.mark.parametrize("metric", ["wasserstein", "cosine"])
+def test_targeting_against_brute_force(metric):
+    gen = torch.Generator().manual_seed(2)
+    qm, qv = _gaussians(gen, 9)
+    pm, pv = _gaussians(gen, 40)
+    dist = torch.tensor(
+        [[brute_distance(qm[i], qv[i], pm[j], pv[j], metric) for j in range(40)] for i in range(9)]
+    )
+    assert torch.allclose(gaussian_distances(qm, qv, pm, pv, metric), dist.double(), atol=1e-12)
+    knn = nearest(qm, qv, pm, pv, k=3, metric=metric, max_elements=50)  # forces chunks of one query row
+    assert torch.equal(knn, torch.argsort(dist, dim=1, stable=True)[:, :3])
+
+    picks, owners = assign_nearest_unused(qm, qv, pm, pv, budget=11, k=2, metric=metric, max_elements=50)
+    used: list[int] = []
+    expected_owners = []
+    for i in range(9):  # queries in order, each takes its 2 nearest pool points not taken yet
+        free = [j for j in torch.argsort(dist[i], stable=True).tolist() if j not in used]
+        take = free[: min(2, 11 - len(used))]
+        used += take
+        expected_owners += [i] * len(take)
+        if len(used) == 11:
+            break
+    assert picks.tolist() == used and owners.tolist() == expected_owners
+    assert len(set(picks.tolist())) == 11
+
+
+# ------------------------------------------------------------------------------------- posteriors, strategies
+
+
+def _kfac(
+    gen: torch.Generator, d: int, p: int, n_data: int, bias: bool, targets: torch.Tensor
+) -> KFACPosterior:
+    weight = torch.randn(d, p, generator=gen, dtype=F64) / math.sqrt(p)
+    b = 0.1 * torch.randn(d, generator=gen, dtype=F64) if bias else None
+    acts = torch.randn(n_data, p, generator=gen, dtype=F64)
+    aug = torch.cat([acts, torch.ones(n_data, 1, dtype=F64)], 1) if bias else acts
+    z = acts @ weight.T + (b if bias else 0.0)
+    root = math.sqrt(n_data)
+    return KFACPosterior.from_factors(
+        aug.T @ aug / root,
+        infonce_hessian(z, targets, 3.0) / root,
+        n_data,
+        weight=weight,
+        bias=b,
+        n=10.0,
+        prior_precision=0.5,
+    )
+
+
+def toy_problem(
+    seed: int = 0, n_pool: int = 60, n_target: int = 25, k: int = 4, d: int = 6, p: int = 8
+) -> ActiveProblem:
+    gen = torch.Generator().manual_seed(seed)
+    text_post = _kfac(gen, d, p, 200, False, torch.randn(30, d, generator=gen, dtype=F64))
+    text_acts = torch.randn(k, p, generator=gen, dtype=F64)
+    text = Features(text_acts, text_acts @ text_post.last_layer.weight.T)
+    image_post = _kfac(gen, d, p, 200, True, text.embeddings)
+
+    def image(n: int) -> Features:
+        acts = torch.randn(n, p, generator=gen, dtype=F64)
+        return Features(acts, image_post.embedding_mean(acts))
+
+    return ActiveProblem(image(n_pool), image(n_target), text, 3.0, None, image_post, text_post)
+
+
+def test_epig_update_adds_the_outer_product_and_leaves_the_posterior_untouched():
+    prob = toy_problem()
+    post = prob.image_post
+    a_before, b_before = post.A.clone(), post.B.clone()
+    act, z = prob.pool.activations[3], prob.pool.embeddings[3]
+    new = add_curvature(post, act, z, prob.text.embeddings, prob.logit_scale)
+    a_aug = torch.cat([act, torch.ones(1, dtype=F64)])
+    root = math.sqrt(post.num_data)
+    assert torch.allclose(new.A, a_before + torch.outer(a_aug, a_aug) / root, atol=1e-12)
+    assert torch.allclose(
+        new.B, b_before + infonce_hessian(z[None], prob.text.embeddings, 3.0) / root, atol=1e-12
+    )
+    off = ~torch.eye(len(a_aug), dtype=torch.bool)
+    assert not torch.allclose(
+        (new.A - a_before)[off], torch.full_like(a_before[off], float(a_aug @ a_aug) / root)
+    )
+    assert torch.equal(post.A, a_before) and torch.equal(post.B, b_before), "the original posterior changed"
+    assert (new.embedding_variance(act[None]) < post.embedding_variance(act[None])).all()
+
+    diag = DiagPosterior.from_diagonal(
+        torch.rand(6, 9, dtype=F64), 200, weight=post.last_layer.weight, bias=post.last_layer.bias
+    )
+    g_before = diag.ggn_diagonal.clone()
+    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2.0)
+    hd = infonce_hessian_diagonals(z[None], prob.text.embeddings, 3.0)[0]
+    assert torch.allclose(new_diag.ggn_diagonal, g_before + 2.0 * torch.outer(hd, a_aug.square()), atol=1e-12)
+    assert torch.equal(diag.ggn_diagonal, g_before)
+
+
+def test_selections_do_not_depend_on_strategy_order_and_posteriors_stay_put():
+    cfg = AcquisitionConfig(samples=30, epig_candidates="targeted", k_nearest=3)
+    prob = toy_problem()
+    a_before = prob.image_post.A.clone()
+    forward = {s: select(prob, s, 8, seed=1, cfg=cfg).indices for s in STRATEGIES}
+    prob_again = toy_problem()
+    backward = {s: select(prob_again, s, 8, seed=1, cfg=cfg).indices for s in reversed(STRATEGIES)}
+    for s in STRATEGIES:
+        assert torch.equal(forward[s], backward[s]), s
+        assert len(set(forward[s].tolist())) == 8, f"{s} picked a pool point twice"
+    assert torch.equal(prob.image_post.A, a_before)
+    # Smaller budgets are prefixes, and another seed changes the random strategies.
+    assert torch.equal(select(prob, "epig", 3, 1, cfg).indices, forward["epig"][:3])
+    assert not torch.equal(select(prob, "random", 8, 2, cfg).indices, forward["random"])
+
+
+def test_lazy_greedy_epig_matches_full_rescoring():
+    prob = toy_problem(seed=3, n_pool=80, n_target=30)
+    lazy = greedy_epig(prob, 6, 0, AcquisitionConfig(samples=40, epig_candidates="pool", epig_batch=2))
+    full = greedy_epig(prob, 6, 0, AcquisitionConfig(samples=40, epig_candidates="pool", epig_lazy=False))
+    assert torch.equal(lazy.indices, full.indices)
+    assert torch.allclose(lazy.scores, full.scores, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def _finetune_inputs(seed: int = 0):
+    prob = toy_problem(seed)
+    labels = torch.arange(len(prob.pool)) % 4
+    return prob, labels
+
+
+def test_finetune_with_zero_lr_keeps_the_map_and_seeded_runs_repeat():
+    prob, labels = _finetune_inputs()
+    layer = prob.image_post.last_layer
+    args = (
+        layer,
+        prob.pool,
+        labels,
+        prob.target,
+        torch.arange(len(prob.target)) % 4,
+        prob.text.embeddings,
+        3.0,
+        None,
+    )
+    frozen = finetune_image_layer(
+        *args, FinetuneConfig(lr=0.0, epochs=5, batch_size=7), torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(frozen.layer.weight, layer.weight.double()) and torch.equal(
+        frozen.layer.bias, layer.bias.double()
+    )
+    assert frozen.best_epoch == 0 and len(frozen.val_losses) == 6
+
+    cfg = FinetuneConfig(lr=1e-2, epochs=8, batch_size=7)
+    one = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(4))
+    two = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(4))
+    other = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(one.layer.weight, two.layer.weight) and one.val_losses == two.val_losses
+    assert one.best_val_loss == min(one.val_losses) and one.best_val_loss <= frozen.best_val_loss
+    assert not torch.equal(one.layer.weight, layer.weight.double())
+    assert one.val_losses != other.val_losses
+
+
+# ----------------------------------------------------------------------------------------------------- domains
+
+
+def _image_folder(root: Path, layout: dict[str, dict[str, int]]) -> None:
+    from PIL import Image
+
+    for domain, classes in layout.items():
+        for cls, count in classes.items():
+            folder = root / domain / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (4, 4), (i * 9 % 255, len(cls) * 20, 7)).save(folder / f"{i}.jpg")
+
+
+def test_domains_align_classes_by_name(tmp_path):
+    from uqvlm.active.domains import build_domain_data, normalise_name
+
+    # "Alarm_Clock" / "alarm clock" is one class; "Pen" exists only in Art, "Mug" only in Clipart.
+    _image_folder(
+        tmp_path,
+        {
+            "Art": {"Alarm_Clock": 10, "Bike": 10, "Pen": 10},
+            "Clipart": {"Bike": 10, "Mug": 10, "alarm clock": 10},
+            "Real World": {"Alarm_Clock": 10, "Bike": 10, "Mug": 5, "Pen": 5},
+        },
+    )
+    seen: dict[str, list[str]] = {}
+
+    def fake_extract(ds, what):
+        seen[what] = ds.classnames
+        labels = torch.tensor([ds[i][1] for i in range(len(ds))])
+        marker = float(len(seen))  # which dataset a feature row came from
+        index = torch.arange(len(labels), dtype=F64)
+        acts = torch.stack([labels.double(), torch.full_like(labels, marker, dtype=F64), index], 1)
+        return Features(acts, acts.clone()), labels
+
+    spec = {
+        "name": "officehome",
+        "target": "Clipart",
+        "domains": {d: {"root": str(tmp_path / d)} for d in ("Art", "Clipart", "Real World")},
+        "pool": None,
+        "include_target_in_pool": False,
+        "common": {"kind": "imagefolder", "split": None, "templates": ["a {c}"]},
+        "splits": {"by": "seeded", "seed": 0, "fractions": {"train": 0.6, "val": 0.1, "test": 0.3}},
+        "sizes": {},
+    }
+    data = build_domain_data(spec, fake_extract)
+    assert [normalise_name(c) for c in data.classnames] == ["bike", "alarm clock"]  # the target's order
+    assert data.pool_domains == ["Art", "Real World"]
+    names_by_marker = {float(i + 1): names for i, names in enumerate(seen.values())}
+    for feats, labels in (
+        (data.pool, data.pool_labels),
+        (data.target, data.target_labels),
+        (data.val, data.val_labels),
+    ):
+        for row, label in zip(feats.activations, labels, strict=True):
+            local_name = names_by_marker[float(row[1])][int(row[0])]
+            assert normalise_name(local_name) == normalise_name(data.classnames[int(label)])
+    with_target = build_domain_data({**spec, "include_target_in_pool": True}, fake_extract)
+    assert with_target.pool_domains == ["Art", "Clipart", "Real World"]
+    # The target's seeded train/val/test splits are disjoint and hold each of its 20 shared images once.
+    clip = with_target.pool.activations[with_target.pool_domain == 1][:, 2].tolist()
+    parts = [clip, with_target.val.activations[:, 2].tolist(), with_target.target.activations[:, 2].tolist()]
+    assert sorted(sum(parts, [])) == sorted(set(sum(parts, []))) and len(sum(parts, [])) == 20
+    assert [len(x) for x in parts] != [0, 0, 0] and len(parts[1]) < len(parts[2]) < len(parts[0])
+    assert len(data.pool_labels) == len(with_target.pool_labels) - len(clip)
+
+
+def test_every_active_learning_data_config_composes():
+    from hydra import compose, initialize_config_module
+
+    options = sorted(
+        p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "task" / "data").glob("*.yaml")
+    )
+    assert {"shapes", "officehome", "imagenet-r-sketch"} <= set(options)
+    with initialize_config_module("uqvlm.configs", version_base="1.3"):
+        for option in options:
+            cfg = compose("config", overrides=["task=active_learning", f"task/data={option}"])
+            assert cfg.task.data.target in cfg.task.data.domains
+            assert cfg.task.data.include_target_in_pool is False
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint):
+    from hydra import compose, initialize_config_module
+
+    from uqvlm.tasks import active_learning
+
+    common = [
+        "task=active_learning",
+        f"paths.cache_dir={test_cache}",
+        f"paths.results_dir={tmp_path}",
+        f"model.pretrained={tiny_checkpoint}",
+        "hessian_data.n=400",
+        "hessian_data.class_batch=200",
+        "task.data.sizes.train=40",
+        "task.data.sizes.val=24",
+        "task.data.sizes.test=40",
+        "task.budgets=[3,6]",
+        "task.seeds=[0,1]",
+        "task.samples=16",
+        "task.finetune.epochs=3",
+    ]
+    with initialize_config_module("uqvlm.configs", version_base="1.3"):
+        first = compose("config", overrides=[*common, "task.strategies=[random,entropy-targeted,bald]"])
+        second = compose("config", overrides=[*common, "task.strategies=[epig]"])
+    active_learning.run(first)
+    table = active_learning.run(second)  # as a multirun's second job: aggregates both jobs' rows
+
+    out = tmp_path / "active_learning" / "shapes-sketch"
+    csv = pd.read_csv(out / "uqvlm-tiny.csv")
+    assert list(csv.columns[:7]) == [
+        "strategy",
+        "budget",
+        "acc_mean",
+        "acc_std",
+        "nll_mean",
+        "ece_mean",
+        "seeds",
+    ]
+    assert {"map_acc_mean", "map_nll_mean", "map_ece_mean"} <= set(csv.columns)
+    assert list(csv.strategy) == [
+        "zero-shot",
+        "random",
+        "random",
+        "entropy-targeted",
+        "entropy-targeted",
+        "bald",
+        "bald",
+        "epig",
+        "epig",
+    ]
+    assert (csv.seeds[csv.strategy != "zero-shot"] == 2).all() and len(table) == len(csv)
+    assert csv.acc_mean.between(0, 1).all() and (csv.nll_mean > 0).all()
+    assert (out / "uqvlm-tiny.md").exists() and (out / "uqvlm-tiny.png").stat().st_size > 1000
