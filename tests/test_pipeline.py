@@ -23,14 +23,16 @@ COLUMNS = ["method", "acc", "nll", "ece", "ece15", "brier", "auroc", "aurc", "n"
 
 
 def run_cli(
-    *args: str, cache: Path, results: Path, logs: Path, timeout: float = 600
+    *args: str, cache: Path, results: Path, logs: Path, multirun: bool = False, timeout: float = 600
 ) -> subprocess.CompletedProcess:
+    flags = ["-m"] if multirun else []  # Hydra's flags go before the overrides
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "uqvlm.cli",
             "run",
+            *flags,
             f"paths.cache_dir={cache}",
             f"paths.results_dir={results}",
             f"paths.log_dir={logs}",
@@ -106,13 +108,21 @@ def test_multirun_sweep_skips_finished_configs_and_reports(first_run, test_cache
     sweep = [
         *SMALL,
         "posterior=kfac",
-        "task.methods={map: {_target_: uqvlm.methods.MAP}, "
-        "bayesvlm-kfac: {_target_: uqvlm.methods.BayesVLM, structure: kfac}}",
+        "~task.methods.temperature",
+        "~task.methods.tta",
+        "~task.methods.bayesvlm-kfac-mc",
         "task.plots=false",
     ]
-    run_cli("-m", *sweep, "posterior.prior_precision=1,100", cache=test_cache, results=results, logs=logs)
+    run_cli(
+        *sweep, "posterior.prior_precision=1,100", cache=test_cache, results=results, logs=logs, multirun=True
+    )
     out = run_cli(
-        "-m", *sweep, "posterior.prior_precision=1,100,10000", cache=test_cache, results=results, logs=logs
+        *sweep,
+        "posterior.prior_precision=1,100,10000",
+        cache=test_cache,
+        results=results,
+        logs=logs,
+        multirun=True,
     )
     assert out.stdout.count("already done") == 2
     records = list((results / "zeroshot" / "shapes-sketch" / "runs").glob("*.json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from uqvlm.console import console
 
 # Bump when the shapes world or the training recipe changes: old checkpoints then no longer match.
 RECIPE_VERSION = 1
+# Arguments of pretrain_tiny that do not change the checkpoint.
+NON_RECIPE_ARGS = ("progress",)
 
 
 def _recipe_fingerprint() -> str:
@@ -35,6 +38,16 @@ def ensure_pretrained(cache_dir: str | Path, **recipe: Any) -> Path:
     """
     from uqvlm.models.tiny import MODEL_NAME, pretrain_tiny
 
+    # The full recipe, defaults filled in, so {} and {"seed": 0} name the same checkpoint.
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(pretrain_tiny).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in NON_RECIPE_ARGS
+    }
+    unknown = set(recipe) - set(defaults)
+    if unknown:
+        raise ValueError(f"model.pretrain has unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+    recipe = {**defaults, **recipe}
     key = cache_key(model=MODEL_NAME, recipe=recipe, version=RECIPE_VERSION, code=_recipe_fingerprint())
     path = Path(cache_dir) / "models" / f"{MODEL_NAME}-shapes-{key}.pt"
     sidecar = path.with_name(path.name + ".sha256")
