@@ -312,3 +312,19 @@ def test_bad_inputs_raise_value_error_naming_argument(fn_name, override, arg):
 def test_naive_bad_group():
     with pytest.raises(ValueError, match="group"):
         naive_infonce_hessian(GOOD[0], GOOD[1], 2.0, group=0)
+
+
+def test_float32_far_subnormal_weights_close_to_float64():
+    # Scale 150: ~94% of the logit gaps lie below float32's exp floor (-87), where the weights are clamped to
+    # the smallest normal number rather than exponentiated into subnormals; the result must still match
+    # float64, whole and in chunks (chunks summed in float64).
+    gen = torch.Generator().manual_seed(11)
+    shared = torch.randn(300, 64, generator=gen)
+    source = (shared + 0.5 * torch.randn(300, 64, generator=gen)) * 3
+    target = shared + 0.5 * torch.randn(300, 64, generator=gen)
+    ls = math.log(150.0)
+    ref = infonce_hessian(source.to(F64), target.to(F64), ls)
+    assert rel_err(infonce_hessian(source, target, ls), ref) <= 5e-5
+    assert rel_err(infonce_hessian(source, target, ls, chunk_size=37), ref) <= 5e-5
+    ref_d = infonce_hessian_diagonals(source.to(F64), target.to(F64), ls)
+    assert rel_err(infonce_hessian_diagonals(source, target, ls, chunk_size=37), ref_d) <= 5e-5

@@ -145,3 +145,39 @@ def test_multirun_sweep_skips_finished_configs_and_reports(first_run, test_cache
     assert by_lambda.nll.nunique() == 3
     for metric in ("acc", "nll", "ece"):
         assert (results / "tables" / f"zeroshot_{metric}.tex").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_of_three_prior_precisions(first_run, test_cache, tmp_path):
+    """hydra-submitit-launcher runs the jobs as separate processes; the report aggregates all three."""
+    _, logs, _ = first_run
+    results = tmp_path / "results"
+    sweep = [
+        *SMALL,
+        "posterior=kfac",
+        "~task.methods.temperature",
+        "~task.methods.tta",
+        "~task.methods.bayesvlm-kfac-mc",
+        "task.plots=false",
+        "hydra/launcher=submitit_local",
+    ]
+    run_cli(
+        *sweep,
+        "posterior.prior_precision=1,100,10000",
+        cache=test_cache,
+        results=results,
+        logs=logs,
+        multirun=True,
+    )
+    records = list((results / "zeroshot" / "shapes-sketch" / "runs").glob("*.json"))
+    assert len(records) == 3
+    subprocess.run(
+        [sys.executable, "-m", "uqvlm.cli", "report", "--results", str(results)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    runs = pd.read_csv(results / "tables" / "zeroshot_runs.csv")
+    kfac = runs[runs.method == "bayesvlm-kfac"]
+    assert sorted(kfac.prior_precision.astype(float)) == [1.0, 100.0, 10000.0]
+    assert kfac.nll.nunique() == 3 and (runs[runs.method == "map"].nll.nunique() == 1)

@@ -131,4 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m uqvlm.cli`: run the functions of the importable module, not of __main__, so launchers
+    # (submitit) pickle the task function by reference.
+    from uqvlm.cli import main as importable_main
+
+    importable_main()

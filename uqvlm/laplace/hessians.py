@@ -11,7 +11,8 @@ Summed over a batch of sources this never needs a per-source D x D matrix: with 
 per-source vectors, plus ``Y^T diag(q) Y`` for the summed weights ``q``. Per chunk of b sources the work is
 the b x C logits and one [2b, C] x [C, D] product (InfoNCE: the softmax weights and the weights times the
 logits, stacked; SigLIP needs only the latter, the diagonals add one weights x Y^2 product), all in the input
-dtype; then O(b D^2 + C D^2) float64 GEMMs for the D x D sums. Sources are processed in row chunks so that
+dtype, as are the O(b D) per-source algebra and the chunk's O(b D^2) GEMM; only the sums across chunks
+(and the final C-row Gram product's accumulation) are float64. Sources are processed in row chunks so that
 one [chunk, C] block stays near ``LOGITS_BUDGET_BYTES``; two such blocks are live at a time.
 
 InfoNCE is evaluated around the arg-max target t (exactly the same algebra, since the arg-max term of
@@ -106,7 +107,6 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 class _Problem:
     source: Tensor  # [B, D], as given (detached)
     r: Tensor  # [B] float64 source norms
-    y64: Tensor  # [C, D] float64 normalised targets
     y: Tensor  # [C, D] normalised targets in the compute dtype
     s: float  # exp(logit_scale)
     bias: float
@@ -143,12 +143,12 @@ def _problem(
     if not math.isfinite(s) or s * (1 + abs(bias)) > torch.finfo(dtype).max / 4:
         raise ValueError(f"logit_scale={log_s} is too large: exp(logit_scale) overflows {dtype}")
 
-    y64 = target.detach().to(_F64) / t_norm[:, None]
+    y = (target.detach().to(_F64) / t_norm[:, None]).to(dtype)
     n_rows, n_targets = source.shape[0], target.shape[0]
     if chunk_size is None:
         itemsize = torch.finfo(dtype).bits // 8
         chunk_size = max(1, LOGITS_BUDGET_BYTES // (n_targets * itemsize))
-    return _Problem(source.detach(), r, y64, y64.to(dtype), s, bias, min(int(chunk_size), n_rows))
+    return _Problem(source.detach(), r, y, s, bias, min(int(chunk_size), n_rows))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,21 +160,20 @@ def _problem(
 # k = Y^T p', n = k - sigma' t (= m - t) and a = k - sigma' t / 2,
 #     M = sum_c p'_c (y_c - t)(y_c - t)^T - n n^T = Y^T diag(p') Y - a t^T - t a^T - n n^T.
 # So sum_b J_b M_b J_b^T = Y^T diag(q) Y - sym(sum_b rho_b (w_b u_b^T + a_b t_b^T + n_b n_b^T / 2)), with
-# q = sum_b rho_b p'_b and sym(X) = X + X^T; SigLIP is the same without the (a, t) and n terms. As t_b is a
-# row of Y, the (a, t) terms join the Gram product: sym(Y^T (diag(q) Y / 2 - Abar)), Abar_c summing
-# rho_b a_b over the sources whose arg-max is c. That leaves 2 B + C rows of float64 GEMM in all.
+# q = sum_b rho_b p'_b and sym(X) = X + X^T; SigLIP is the same without the (a, t) and n terms. With
+# p_t = 1 - sigma', sym(a t^T + n n^T / 2) = sym(g f^T) for g = n + (1 + sqrt(p_t)) t and
+# f = (n + (1 - sqrt(p_t)) t) / 2, so InfoNCE too needs 2 rows per source: 2 B + C rows of GEMM in all, per
+# chunk in the compute dtype, summed over chunks in float64.
 
 
 @dataclass
 class _Chunk:
-    """Float64 quantities of one chunk of b sources."""
+    """Quantities of one chunk of b sources (q float64; lhs, rhs in the compute dtype; diag float64)."""
 
     q: Tensor  # [C] this chunk's sum_b rho_b p'_b
-    # sum path: rows of the D x D update -sym(lhs^T rhs), i.e. [w; n] against rho [u; n / 2]
+    # sum path: rows of the D x D update -sym(lhs^T rhs), i.e. [g; w] against rho [f; u] (SigLIP: w, rho u)
     lhs: Tensor | None = None
     rhs: Tensor | None = None
-    idx: Tensor | None = None  # [b] arg-max targets (InfoNCE)
-    rho_a: Tensor | None = None  # [b, D] rho_b a_b (InfoNCE)
     diag: Tensor | None = None  # [b, D] diagonals of J_b M_b J_b^T (without s^2), when requested
 
 
@@ -185,53 +184,75 @@ def _scaled_sources(pb: _Problem, start: int, stop: int) -> tuple[Tensor, Tensor
     return u, (u * pb.s).to(pb.dtype), r.pow(-2)
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Lowest Delta worth exponentiating: exp of anything below is subnormal or 0 in ``dtype``.
+
+    With CLIP's scale most Delta lie far below it (float32: -87), and subnormal exp outputs are several times
+    slower to produce and to multiply. Clamping changes each such weight by less than the smallest normal
+    number, i.e. by nothing next to the arg-max weight 1.
+    """
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+
+
 def _infonce_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
+    # Everything per chunk runs in the compute dtype: the [b, D] algebra and the D x D products of the chunk
+    # are O(b D) and O(b D^2) next to the O(b C D) target products, and float32 there adds only rounding of
+    # the size of the float32 logits' own. Only the sums across chunks are float64 (in _sum_hessian).
     source, y, dtype, s = pb.source, pb.y, pb.dtype, pb.s
     y_sq = y.square() if diag else None
     # One buffer, reused across chunks (fresh pages cost as much as a pass over them), holds [E; E * Delta]
     # so that both target products are a single matmul.
+    exp_floor = _exp_floor(dtype)
     work = torch.empty(2 * pb.chunk, y.shape[0], dtype=dtype, device=y.device)
     for start in range(0, source.shape[0], pb.chunk):
         stop = min(start + pb.chunk, source.shape[0])
         b = stop - start
-        u, us, rho = _scaled_sources(pb, start, stop)
+        r = pb.r[start:stop]
+        rho = r.pow(-2)
+        u = source[start:stop].to(dtype) * r.reciprocal().to(dtype)[:, None]
 
         buf = work[: 2 * b]
         e, delta = buf[:b], buf[b:]
-        torch.matmul(us, y.T, out=delta)  # logits
+        delta.addmm_(u, y.T, beta=0.0, alpha=s)  # logits s u^T y
         lmax, idx = delta.max(dim=1)
         delta.sub_(lmax[:, None])  # Delta = l - l* <= 0: a stable softmax
+        delta.clamp_min_(exp_floor)  # keeps exp (and all that reads it) off subnormals: see _exp_floor
         torch.exp(delta, out=e)
         e.scatter_(1, idx[:, None], 0.0)  # p' (unnormalised): the softmax without the arg-max entry
         e_sum = e.sum(dim=1).to(_F64)
         inv_z = 1.0 / (1.0 + e_sum)  # 1 / softmax normaliser
         q = ((rho * inv_z).to(dtype) @ e).to(_F64)
-        e2 = (e @ y_sq).to(_F64).mul_(inv_z[:, None]) if diag else None
+        e2 = (e @ y_sq).mul_(inv_z.to(dtype)[:, None]) if diag else None
         delta.mul_(e)
         ed_sum = delta.sum(dim=1).to(_F64)
-        prods = (buf @ y).to(_F64)
+        prods = buf @ y
 
-        k = prods[:b].mul_(inv_z[:, None])  # Y^T p'
-        h = prods[b:].mul_((inv_z / s)[:, None])  # sum_c p'_c (u^T (y_c - t)) y_c
-        sig = (e_sum * inv_z)[:, None]  # sigma' = 1 - p_t
-        pd = (ed_sum * (inv_z / s))[:, None]  # sum_c p'_c u^T (y_c - t)
-        t = pb.y64[idx]
+        k = prods[:b].mul_(inv_z.to(dtype)[:, None])  # Y^T p'
+        h = prods[b:].mul_((inv_z / s).to(dtype)[:, None])  # sum_c p'_c (u^T (y_c - t)) y_c
+        sig64 = e_sum * inv_z  # sigma' = 1 - p_t
+        sig = sig64.to(dtype)[:, None]
+        pd = (ed_sum * (inv_z / s)).to(dtype)[:, None]  # sum_c p'_c u^T (y_c - t)
+        t = y.index_select(0, idx)
 
-        lhs = torch.empty(2 * b, k.shape[1], dtype=_F64, device=y.device)
-        w, n = lhs[:b], lhs[b:]
-        torch.addcmul(k, sig, t, value=-1.0, out=n)
-        torch.addcmul(h, pd, t, value=-1.0, out=w)  # v = M u = h - pd t - (n^T u) n
-        w.addcmul_(torch.einsum("bd,bd->b", n, u)[:, None], n, value=-1.0)
-        w.addcmul_(torch.einsum("bd,bd->b", u, w)[:, None], u, value=-0.5)
-        a = k.addcmul_(sig, t, value=-0.5)
+        n = k.addcmul_(sig, t, value=-1.0)  # m - t
+        w = h.addcmul_(pd, t, value=-1.0)  # v = M u = h - pd t - (n^T u) n
+        w.addcmul_(torch.linalg.vecdot(n, u)[:, None], n, value=-1.0)
+        w.addcmul_(torch.linalg.vecdot(u, w)[:, None], u, value=-0.5)
+        rho_c = rho.to(dtype)[:, None]
         if diag:
+            a = torch.addcmul(n, sig, t, value=0.5)
             d = e2.addcmul_(u, w, value=-2.0).addcmul_(a, t, value=-2.0).addcmul_(n, n, value=-1.0)
-            yield _Chunk(q=q, diag=d.mul_(rho[:, None]))
+            yield _Chunk(q=q, diag=d.to(_F64).mul_(rho[:, None]))
         else:
-            rhs = torch.empty_like(lhs)
-            torch.mul(u, rho[:, None], out=rhs[:b])
-            torch.mul(n, (0.5 * rho)[:, None], out=rhs[b:])
-            yield _Chunk(q=q, lhs=lhs, rhs=rhs, idx=idx, rho_a=a.mul_(rho[:, None]))
+            # n n^T + a t^T + t a^T (a = n + sigma' t / 2) = g f^T + f g^T with g = n + (1 + sqrt(p_t)) t and
+            # f = (n + (1 - sqrt(p_t)) t) / 2, so the (a, t) terms need no scatter over the targets.
+            root = inv_z.sqrt()
+            beta = (sig64 / (1.0 + root)).to(dtype)[:, None]  # 1 - sqrt(p_t), without cancellation
+            rhs = torch.empty_like(prods)
+            torch.mul(u, rho_c, out=rhs[b:])
+            torch.addcmul(n, beta, t, out=rhs[:b]).mul_(0.5 * rho_c)
+            n.addcmul_((1.0 + root).to(dtype)[:, None], t)
+            yield _Chunk(q=q, lhs=prods, rhs=rhs)
 
 
 def _siglip_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
@@ -266,23 +287,14 @@ def _siglip_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
 
 
 def _sum_hessian(pb: _Problem, chunks: Iterator[_Chunk]) -> Tensor:
-    y64 = pb.y64
-    q = torch.zeros(y64.shape[0], dtype=_F64, device=y64.device)
-    acc = torch.zeros(y64.shape[1], y64.shape[1], dtype=_F64, device=y64.device)
-    gram_rhs = None  # becomes diag(q) Y / 2 - Abar
+    y = pb.y
+    q = torch.zeros(y.shape[0], dtype=_F64, device=y.device)
+    acc = torch.zeros(y.shape[1], y.shape[1], dtype=_F64, device=y.device)
     for ch in chunks:
         q += ch.q
-        acc.addmm_(ch.lhs.T, ch.rhs, alpha=-1.0)
-        if ch.idx is not None:
-            if gram_rhs is None:
-                gram_rhs = torch.zeros_like(y64)
-            # index_put_ rather than index_add_, which is ~50x slower on CPU here
-            gram_rhs.index_put_((ch.idx,), ch.rho_a.neg_(), accumulate=True)
-    if gram_rhs is None:
-        gram_rhs = y64 * (0.5 * q)[:, None]
-    else:
-        gram_rhs.addcmul_(y64, (0.5 * q)[:, None])
-    acc.addmm_(y64.T, gram_rhs)
+        # the chunk's D x D product in its own dtype; the sum over chunks in float64
+        acc.sub_(torch.mm(ch.lhs.T, ch.rhs))
+    acc.add_(torch.mm(y.T, y * (0.5 * q).to(y.dtype)[:, None]))
     return pb.s**2 * (acc + acc.T)
 
 
