@@ -40,18 +40,11 @@ def reliability_diagram(
         count = torch.bincount(idx, minlength=bins).double()
         acc = torch.bincount(idx, weights=correct, minlength=bins) / count.clamp_min(1)
         mean_conf = torch.bincount(idx, weights=conf.double(), minlength=bins) / count.clamp_min(1)
-        centres = (edges[:-1] + edges[1:]) / 2
         has = count > 0
-        ax.bar(centres[has], acc[has], width=1 / bins, edgecolor="black", linewidth=0.4, label="accuracy")
-        ax.bar(
-            centres[has],
-            (mean_conf - acc)[has],
-            bottom=acc[has],
-            width=1 / bins,
-            color="tab:red",
-            alpha=0.35,
-            label="gap",
-        )
+        centres = ((edges[:-1] + edges[1:]) / 2)[has].numpy()
+        acc, gap = acc[has].numpy(), (mean_conf - acc)[has].numpy()
+        ax.bar(centres, acc, width=1 / bins, edgecolor="black", linewidth=0.4, label="accuracy")
+        ax.bar(centres, gap, bottom=acc, width=1 / bins, color="tab:red", alpha=0.35, label="gap")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set(title=name, xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
         ax.set_ylabel("accuracy")
