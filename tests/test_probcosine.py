@@ -227,3 +227,43 @@ def test_predictives_reject_bad_input(fn):
 def test_mc_probs_rejects_bad_samples():
     with pytest.raises(ValueError, match="samples"):
         mc_probs(torch.zeros(1, 2), torch.zeros(1, 2), samples=0)
+
+
+def test_rank1_probcosine_equals_full_variance_form():
+    from uqvlm.probcosine import probcosine, probcosine_rank1
+
+    g = torch.Generator().manual_seed(3)
+    mg, mh = (
+        torch.randn(7, 5, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
+    )
+    c, b = torch.rand(7, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64)
+    e, f = torch.rand(4, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64)
+    full = probcosine(mg, c[:, None] * b[None, :], mh, e[:, None] * f[None, :])
+    fast = probcosine_rank1(mg, c, b, mh, e, f)
+    for x, y in zip(full, fast, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="img_scale"):
+        probcosine_rank1(mg, -c, b, mh, e, f)
+    with pytest.raises(ValueError, match="txt_dir"):
+        probcosine_rank1(mg, c, b, mh, e, f[:3])
+
+
+def test_kfac_variance_factors_reproduce_embedding_variance():
+    from uqvlm.laplace import KFACPosterior
+
+    g = torch.Generator().manual_seed(4)
+    a_fac = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b_fac = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    post = KFACPosterior.from_factors(
+        a_fac @ a_fac.T,
+        b_fac @ b_fac.T,
+        weight=torch.randn(3, 5, generator=g),
+        bias=torch.randn(3, generator=g),
+    )
+    post.n, post.prior_precision = 3.0, 2.0
+    acts = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    quad, b_diag = post.variance_factors(acts)
+    torch.testing.assert_close(
+        quad[:, None] * b_diag[None, :], post.embedding_variance(acts), rtol=1e-12, atol=0
+    )

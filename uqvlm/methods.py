@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from uqvlm.features import Features
-from uqvlm.probcosine import mc_probs, probcosine, probit_probs
+from uqvlm.probcosine import mc_probs, probcosine, probcosine_rank1, probit_probs
 
 
 def cosine_logits(img: Tensor, txt: Tensor, logit_scale: float, logit_bias: float | None) -> Tensor:
@@ -122,13 +122,19 @@ class BayesVLM(Method):
     def logit_moments(
         self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]
     ) -> tuple[Tensor, Tensor]:
-        img_var = posts["image"].embedding_variance(image.activations)
-        txt_var = posts["text"].embedding_variance(ctx.text.activations)
-        mean_cos, var_cos = probcosine(
-            image.embeddings.double(), img_var, ctx.text.embeddings.double(), txt_var
-        )
+        img_post, txt_post = posts["image"], posts["text"]
+        img_mean, txt_mean = image.embeddings.double(), ctx.text.embeddings.double()
+        if hasattr(img_post, "variance_factors") and hasattr(txt_post, "variance_factors"):
+            # KFAC: rank-one variances, so the predictive costs about one extra pass over [N, K].
+            c, b = img_post.variance_factors(image.activations)
+            e, f = txt_post.variance_factors(ctx.text.activations)
+            mean_cos, var_cos = probcosine_rank1(img_mean, c, b, txt_mean, e, f)
+        else:
+            img_var = img_post.embedding_variance(image.activations)
+            txt_var = txt_post.embedding_variance(ctx.text.activations)
+            mean_cos, var_cos = probcosine(img_mean, img_var, txt_mean, txt_var)
         scale = math.exp(ctx.logit_scale)
-        return scale * mean_cos + (ctx.logit_bias or 0.0), scale**2 * var_cos
+        return mean_cos.mul_(scale).add_(ctx.logit_bias or 0.0), var_cos.mul_(scale**2)
 
     def probs(self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]) -> Tensor:
         mean, var = self.logit_moments(ctx, image, posts)

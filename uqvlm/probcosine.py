@@ -70,6 +70,52 @@ def probcosine(img_mean: Tensor, img_var: Tensor, txt_mean: Tensor, txt_var: Ten
     return mean, var
 
 
+def probcosine_rank1(
+    img_mean: Tensor, img_scale: Tensor, img_dir: Tensor, txt_mean: Tensor, txt_scale: Tensor, txt_dir: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`probcosine` for variances that are rank one, as KFAC's are:
+    img_var = img_scale[:, None] * img_dir[None, :] (img_scale [N], img_dir [D]), txt_var likewise.
+
+    Same result, but the variance costs O(N D + K D + N K) instead of two [N, D] x [D, K] matmuls, so the
+    BayesVLM predictive costs little more than the deterministic one.
+    """
+    _check_matrix("img_mean", img_mean)
+    _check_matrix("txt_mean", txt_mean)
+    for name, vec, size in (
+        ("img_scale", img_scale, img_mean.shape[0]),
+        ("img_dir", img_dir, img_mean.shape[1]),
+        ("txt_scale", txt_scale, txt_mean.shape[0]),
+        ("txt_dir", txt_dir, txt_mean.shape[1]),
+    ):
+        _check_matrix(name, vec, 1)
+        if vec.shape[0] != size:
+            raise ValueError(f"{name} must have length {size}, got {vec.shape[0]}")
+        if (vec < 0).any():
+            raise ValueError(f"{name} contains negative values (min {vec.min().item():.3g})")
+    if img_mean.shape[1] != txt_mean.shape[1]:
+        raise ValueError(f"txt_mean has embedding dim {txt_mean.shape[1]}, img_mean has {img_mean.shape[1]}")
+    dtype = img_mean.dtype
+    for t in (img_scale, img_dir, txt_mean, txt_scale, txt_dir):
+        dtype = torch.promote_types(dtype, t.dtype)
+    mg, c, b, mh, e, f = (t.to(dtype) for t in (img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir))
+    sq_mg, sq_mh = mg.square(), mh.square()
+    s_g = sq_mg.sum(1) + c * b.sum()
+    s_h = sq_mh.sum(1) + e * f.sum()
+    if (s_g <= 0).any():
+        raise ValueError("img_mean has a row with zero norm and zero variance: its cosine is undefined")
+    if (s_h <= 0).any():
+        raise ValueError("txt_mean has a row with zero norm and zero variance: its cosine is undefined")
+    r_g, r_h = 1.0 / s_g, 1.0 / s_h
+    # mean = mu_g mu_h^T / sqrt(S_g S_h): scale the rows, then one matmul.
+    mean = (mg * r_g.sqrt()[:, None]) @ (mh * r_h.sqrt()[:, None]).T
+    # var_nk = [sum_d (mu_g,d^2 + c b_d) e f_d + c b_d mu_h,d^2] / (S_g S_h) is a rank-2 outer product:
+    # r_g (mu_g^2 . f + (b . f) c) * e r_h  +  c r_g * (mu_h^2 . b) r_h.
+    left = torch.stack([r_g * (sq_mg @ f + (b @ f) * c), c * r_g], dim=1)
+    right = torch.stack([e * r_h, (sq_mh @ b) * r_h], dim=1)
+    var = left @ right.T
+    return mean, var
+
+
 def probcosine_logits(
     img_mean: Tensor,
     img_var: Tensor,
@@ -107,8 +153,9 @@ def probit_probs(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
     """Probit-approximated predictive softmax(mean / sqrt(1 + pi/8 var)) over the last dimension."""
     _check_logits(mean_logits, var_logits)
     dtype = torch.promote_types(mean_logits.dtype, var_logits.dtype)
-    kappa = torch.rsqrt(1.0 + (math.pi / 8.0) * var_logits.to(dtype))
-    return torch.softmax(mean_logits.to(dtype) * kappa, dim=-1)
+    # In place on one temporary: this runs over every [N, K] logit.
+    scaled = var_logits.to(dtype).mul(math.pi / 8.0).add_(1.0).rsqrt_().mul_(mean_logits)
+    return torch.softmax(scaled, dim=-1)
 
 
 def mc_probs(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..features import LastLayer
-from .base import LastLayerPosterior, _check_tensor
+from .base import _ROW_CHUNK, LastLayerPosterior, _check_tensor
 from .evidence import kfac_log_evidence
 
 __all__ = ["KFACPosterior"]
@@ -158,11 +158,30 @@ class KFACPosterior(LastLayerPosterior):
 
     # ----------------------------------------------------------------------------- inference
     def _variance(self, a: Tensor) -> Tensor:
+        quad, b_diag = self._variance_factors(a)
+        return quad[:, None] * b_diag[None, :]
+
+    def _variance_factors(self, a: Tensor) -> tuple[Tensor, Tensor]:
         ea, eb = self._damped()
         proj = a.to(self._vec_A.device) @ self._vec_A  # a in the eigenbasis of A
         quad = proj.square() @ (1.0 / ea)  # a^T A~^-1 a, [N]
         b_diag = self._vec_B_sq @ (1.0 / eb)  # [B~^-1]_dd, [D]
-        return quad[:, None] * b_diag[None, :]
+        return quad, b_diag
+
+    def variance_factors(self, activations: Tensor) -> tuple[Tensor, Tensor]:
+        """The KFAC embedding variance is rank one: ``embedding_variance(a) == quad[:, None] * b_diag``.
+
+        Returns quad = a^T A~^-1 a [N] and b_diag = diag(B~^-1) [D] (float64), so predictions need no
+        [N, D] variance (see :func:`uqvlm.probcosine.probcosine_rank1`).
+        """
+        self._require_fitted()
+        a_in = _check_tensor("activations", activations, 2)
+        quads = [
+            self._variance_factors(self._augment(a_in[s : s + _ROW_CHUNK]))[0]
+            for s in range(0, a_in.shape[0], _ROW_CHUNK)
+        ]
+        _, b_diag = self._variance_factors(self._augment(a_in[:1]))
+        return (torch.cat(quads) if quads else a_in.new_zeros(0, dtype=torch.float64)), b_diag
 
     def sample(
         self, num_samples: int, generator: torch.Generator | None = None
