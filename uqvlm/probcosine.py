@@ -12,18 +12,13 @@ import math
 import torch
 from torch import Tensor
 
+from uqvlm.validation import check_tensor
+
 __all__ = ["probcosine", "probcosine_logits", "probit_probs", "mc_probs"]
 
 
 def _check_matrix(name: str, x: Tensor, ndim: int = 2) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+    check_tensor(name, x, ndim)
 
 
 def _check_variance(name: str, var: Tensor, mean_name: str, mean: Tensor) -> None:

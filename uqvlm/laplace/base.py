@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..features import LastLayer
+from ..validation import check_tensor
 from .evidence import grid_search_prior as _grid_search_prior
 from .evidence import maximise_evidence
 
@@ -66,16 +67,7 @@ def _check_finite_scalar(name: str, value: Any) -> float:
     return v
 
 
-def _check_tensor(name: str, x: Any, ndim: int) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return x
+_check_tensor = check_tensor
 
 
 class LastLayerPosterior(ABC):

@@ -24,12 +24,12 @@ from uqvlm.active.strategies import STRATEGIES, AcquisitionConfig, ActiveProblem
 from uqvlm.cache import atomic_write, cache_key
 from uqvlm.console import console, progress
 from uqvlm.errors import UqvlmError
-from uqvlm.extraction import encode_prompts, extract
+from uqvlm.extraction import encode_prompts
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
 from uqvlm.metrics import evaluate_probs
 from uqvlm.results import model_slug, write_results
-from uqvlm.tasks.common import load_model, prepare_dirs
+from uqvlm.tasks.common import extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 ZERO_SHOT = "zero-shot"
@@ -110,18 +110,7 @@ def finetune_config(tcfg: DictConfig) -> FinetuneConfig:
 
 def _load_data(cfg: DictConfig, model, dirs) -> DomainData:
     def extractor(ds, what: str) -> tuple[Features, torch.Tensor]:
-        feats = extract(
-            model.vlm,
-            ds,
-            cache_dir=dirs.cache,
-            model_id=model.identity,
-            dataset_id=ds.fingerprint(),
-            batch_size=model.batch_size,
-            num_workers=int(cfg.num_workers),
-            device=cfg.device,
-            precision=model.precision,
-            description=what,
-        )
+        feats = extract_features(cfg, model, dirs, ds, what)
         return feats["image"], feats["targets"]
 
     return build_domain_data(cfg.task.data, extractor)

@@ -108,3 +108,23 @@ def load_model(cfg: DictConfig, dirs: RunDirs) -> LoadedModel:
         precision,
         int(cfg.model.get("batch_size", 256)),
     )
+
+
+def extract_features(
+    cfg: DictConfig, model: LoadedModel, dirs: RunDirs, dataset, description: str
+) -> dict[str, Any]:
+    """Cached features of ``dataset`` under this run's model, device and loader settings."""
+    from uqvlm.extraction import extract
+
+    return extract(
+        model.vlm,
+        dataset,
+        cache_dir=dirs.cache,
+        model_id=model.identity,
+        dataset_id=dataset.fingerprint(),
+        batch_size=model.batch_size,
+        num_workers=int(cfg.num_workers),
+        device=cfg.device,
+        precision=model.precision,
+        description=description,
+    )

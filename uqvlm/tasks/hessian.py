@@ -17,8 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build
 from uqvlm.console import console, progress
 from uqvlm.errors import UqvlmError
-from uqvlm.extraction import extract
-from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
+from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features, load_model, prepare_dirs
 
 TOWERS = ("image", "text")
 
@@ -93,18 +92,7 @@ def fit_posteriors(
     heads = _heads(vlm)
 
     def build() -> dict[str, Any]:
-        feats = extract(
-            vlm,
-            pairs,
-            cache_dir=dirs.cache,
-            model_id=model.identity,
-            dataset_id=pairs.fingerprint(),
-            batch_size=model.batch_size,
-            num_workers=int(cfg.num_workers),
-            device=cfg.device,
-            precision=model.precision,
-            description=f"{hcfg.name} pairs",
-        )
+        feats = extract_features(cfg, model, dirs, pairs, f"{hcfg.name} pairs")
         sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
         posts = {t: Laplace(heads[t], structure=structure) for t in TOWERS}
         n = len(pairs)

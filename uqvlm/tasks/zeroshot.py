@@ -14,11 +14,11 @@ from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
 from uqvlm.data.registry import build_zeroshot_dataset
 from uqvlm.errors import DatasetFormatError, DataUnavailableError, UqvlmError
-from uqvlm.extraction import encode_prompts, extract
+from uqvlm.extraction import encode_prompts
 from uqvlm.methods import BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_probs
 from uqvlm.results import model_slug, record_path, write_results
-from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
+from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 
@@ -40,18 +40,7 @@ def selected_methods(cfg: DictConfig) -> dict[str, Method]:
 
 
 def _features(cfg: DictConfig, model: LoadedModel, dirs: RunDirs, dataset, what: str):
-    feats = extract(
-        model.vlm,
-        dataset,
-        cache_dir=dirs.cache,
-        model_id=model.identity,
-        dataset_id=dataset.fingerprint(),
-        batch_size=model.batch_size,
-        num_workers=int(cfg.num_workers),
-        device=cfg.device,
-        precision=model.precision,
-        description=what,
-    )
+    feats = extract_features(cfg, model, dirs, dataset, what)
     labels = feats["targets"]
     if int(labels.max()) >= len(dataset.classnames) or int(labels.min()) < 0:
         raise DatasetFormatError(
