@@ -105,48 +105,41 @@ def extract(
     n_shards = math.ceil(n / shard_size)
     meta = {"key": key, "n": n}
     shards = [root / f"shard-{i:05d}.pt" for i in range(n_shards)]
-    todo = [i for i, p in enumerate(shards) if load_verified(p, {**meta, "shard": i}) is None]
+    entries = {i: load_verified(p, {**meta, "shard": i}) for i, p in enumerate(shards)}
+    todo = [i for i, entry in entries.items() if entry is None]
     if todo:
         if len(todo) < n_shards:
             console.print(f"resuming {description}: {n_shards - len(todo)}/{n_shards} shards cached")
-        rate = TextColumn("{task.fields[rate]}")
-        with progress(rate) as bar:
+        with progress(TextColumn("{task.fields[rate]}")) as bar:
             task = bar.add_task(f"encoding {description}", total=n, rate="")
             bar.advance(
                 task, sum(min(shard_size, n - i * shard_size) for i in range(n_shards) if i not in todo)
             )
-            start, done = time.perf_counter(), 0
+            start, encoded = time.perf_counter(), 0
+
+            def on_batch(k: int) -> None:
+                nonlocal encoded
+                encoded += k
+                rate = encoded / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=k, rate=f"{rate:,.0f} img/s")
+
             for i in todo:
                 indices = range(i * shard_size, min(n, (i + 1) * shard_size))
 
                 def build(indices=indices, i=i):
-                    nonlocal done
                     parts = _encode_shard(
-                        vlm,
-                        dataset,
-                        indices,
-                        batch_size,
-                        num_workers,
-                        dev,
-                        precision,
-                        on_batch=lambda k: (bar.advance(task, k), _rate(bar, task, start, k)),
+                        vlm, dataset, indices, batch_size, num_workers, dev, precision, on_batch
                     )
                     return {"meta": {**meta, "shard": i}, **parts}
 
-                get_or_build(shards[i], build, {**meta, "shard": i})
-    parts = [load_verified(p) for p in shards]
+                entries[i] = get_or_build(shards[i], build, {**meta, "shard": i})
+    parts = [entries[i] for i in range(n_shards)]
     out: dict[str, Any] = {"image": Features.cat([_features_from(p["image"]) for p in parts])}
     out["text"] = (
         Features.cat([_features_from(p["text"]) for p in parts]) if parts[0].get("text") is not None else None
     )
     out["targets"] = torch.cat([p["targets"] for p in parts]) if parts[0]["targets"] is not None else None
     return out
-
-
-def _rate(bar, task, start: float, _k: int) -> None:
-    t = bar.tasks[task]
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    bar.update(task, rate=f"{t.completed / elapsed:,.0f} img/s")
 
 
 @torch.no_grad()
