@@ -44,16 +44,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    posts = {"image": random_posterior(args.dim, args.act, g), "text": random_posterior(args.dim, args.dim, g)}
+    posts = {
+        "image": random_posterior(args.dim, args.act, g),
+        "text": random_posterior(args.dim, args.dim, g),
+    }
 
     def features(n: int, tower: str) -> Features:
         a = torch.randn(n, posts[tower].in_features, generator=g)
         return Features(a, a @ posts[tower].last_layer.weight.float().T)
 
     ctx = ZeroShotContext(
-        logit_scale=4.6, logit_bias=None, image=features(args.images, "image"),
-        labels=torch.zeros(args.images, dtype=torch.long), text=features(args.classes, "text"),
-        posterior_cfg=None, validation_provider=None, views_provider=None, posterior_provider=lambda s: posts,
+        logit_scale=4.6,
+        logit_bias=None,
+        image=features(args.images, "image"),
+        labels=torch.zeros(args.images, dtype=torch.long),
+        text=features(args.classes, "text"),
+        posterior_cfg=None,
+        validation_provider=None,
+        views_provider=None,
+        posterior_provider=lambda s: posts,
     )
     bayes = BayesVLM("kfac")
     t_map = best_of(lambda: MAP().predict(ctx), args.repeats)
