@@ -166,6 +166,12 @@ class LastLayerPosterior(ABC):
         """N, the number of sources accumulated so far (or given to a from_* constructor)."""
         return self._num_data
 
+    def _set_num_data(self, N: Any) -> None:
+        """The data count behind factors given to a from_* constructor (so later updates can extend them)."""
+        if isinstance(N, bool) or int(N) != N or N <= 0:
+            raise ValueError(f"N must be a positive integer, got {N!r}")
+        self._num_data = int(N)
+
     @property
     def fitted(self) -> bool:
         return self._fitted

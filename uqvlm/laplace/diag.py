@@ -49,9 +49,7 @@ class DiagPosterior(LastLayerPosterior):
         if (g < 0).any():
             raise ValueError("ggn contains negative entries; a GGN diagonal is non-negative")
         if N is not None:
-            if isinstance(N, bool) or int(N) != N or N <= 0:
-                raise ValueError(f"N must be a positive integer, got {N!r}")
-            post._num_data = int(N)
+            post._set_num_data(N)
         post._ggn = g.detach().to(torch.float64).clone()
         post._fitted = True
         return post

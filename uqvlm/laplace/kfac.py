@@ -79,9 +79,7 @@ class KFACPosterior(LastLayerPosterior):
         if B.shape != (d, d):
             raise ValueError(f"B must have shape ({d}, {d}) for this last layer, got {tuple(B.shape)}")
         if N is not None:
-            if isinstance(N, bool) or int(N) != N or N <= 0:
-                raise ValueError(f"N must be a positive integer, got {N!r}")
-            post._num_data = int(N)
+            post._set_num_data(N)
             root = math.sqrt(N)
             post._sum_aa = A.detach().to(torch.float64) * root
             post._sum_h = B.detach().to(torch.float64) * root
