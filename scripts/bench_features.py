@@ -16,18 +16,16 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from PIL import Image
 import numpy as np
-from uqvlm.extraction import autocast_for
 from uqvlm.models.adapter import load_vlm
 model, n, bs, device, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 torch.manual_seed(0)
-vlm = load_vlm(model, None, device=device)
+vlm = load_vlm(model, None, device=device, precision=precision)  # the VLM applies AMP itself
 rng = np.random.default_rng(0)
 images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(bs)]
 pixels = torch.stack([vlm.preprocess(im) for im in images])
 dev = torch.device(device)
 def step():
-    with torch.no_grad(), autocast_for(dev, precision):
-        f = vlm.encode_images(pixels.to(dev))
+    f = vlm.encode_images(pixels.to(dev))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return f

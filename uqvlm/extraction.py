@@ -7,7 +7,6 @@ from the shards already written, and host memory during extraction is bounded by
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -20,23 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from uqvlm.cache import cache_key, get_or_build, load_verified
 from uqvlm.console import console, progress
+from uqvlm.devices import resolve_device
 from uqvlm.features import Features
 
 SHARD_SIZE = 4096
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """AMP on CUDA for bf16/fp16; full precision elsewhere (CPU autocast buys little for ViTs)."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 class _Preprocessed(Dataset):
@@ -154,12 +140,12 @@ def _encode_shard(vlm, dataset, indices, batch_size, num_workers, device, precis
     )
     images, texts, targets = [], [], []
     for pixels, target in loader:
-        with autocast_for(device, precision):
-            images.append(vlm.encode_images(pixels.to(device, non_blocking=True)).to("cpu", torch.float32))
-            if isinstance(target, list):
-                texts.append(vlm.encode_texts(target).to("cpu", torch.float32))
-            else:
-                targets.append(target)
+        # The VLM runs under its own device and precision (AMP on CUDA); features are stored in float32.
+        images.append(vlm.encode_images(pixels.to(device, non_blocking=True)).to("cpu", torch.float32))
+        if isinstance(target, list):
+            texts.append(vlm.encode_texts(target).to("cpu", torch.float32))
+        else:
+            targets.append(target)
         on_batch(len(pixels))
     return {
         "image": _features_dict(Features.cat(images)),
@@ -174,7 +160,6 @@ def encode_prompts(
     *,
     cache_dir: str | Path,
     model_id: dict[str, Any],
-    device: str = "auto",
     precision: str = "fp32",
     batch_size: int = 256,
 ) -> Features:
@@ -183,7 +168,6 @@ def encode_prompts(
     The last layer is linear, so averaging activations and embeddings keeps z = W a (+ b) exact and
     the posterior variance of the class embedding is that of the averaged activation.
     """
-    dev = resolve_device(device)
     key = cache_key(model=model_id, prompts=prompts, precision=precision)
     path = Path(cache_dir) / "text" / f"{key}.pt"
 
@@ -192,8 +176,7 @@ def encode_prompts(
         flat = [p for ps in prompts for p in ps]
         chunks = []
         for s in range(0, len(flat), batch_size):
-            with autocast_for(dev, precision):
-                chunks.append(vlm.encode_texts(flat[s : s + batch_size]).to("cpu", torch.float32))
+            chunks.append(vlm.encode_texts(flat[s : s + batch_size]).to("cpu", torch.float32))
         f = Features.cat(chunks)
         counts = torch.tensor([len(ps) for ps in prompts])
         owner = torch.repeat_interleave(torch.arange(len(prompts)), counts)

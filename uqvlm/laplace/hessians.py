@@ -13,7 +13,8 @@ the b x C logits and one [2b, C] x [C, D] product (InfoNCE: the softmax weights 
 logits, stacked; SigLIP needs only the latter, the diagonals add one weights x Y^2 product), all in the input
 dtype, as are the O(b D) per-source algebra and the chunk's O(b D^2) GEMM; only the sums across chunks
 (and the final C-row Gram product's accumulation) are float64. Sources are processed in row chunks so that
-one [chunk, C] block stays near ``LOGITS_BUDGET_BYTES``; two such blocks are live at a time.
+one [chunk, C] block stays within ``LOGITS_BUDGET_BYTES`` and ``MAX_CHUNK_ROWS``; two such blocks are live at a
+time.
 
 InfoNCE is evaluated around the arg-max target t (exactly the same algebra, since the arg-max term of
 ``sum_c p_c (y_c - t)(y_c - t)^T`` vanishes): with CLIP's scale the softmax is nearly one-hot, and
@@ -316,7 +317,7 @@ def infonce_hessian(
     ``source`` is [B, D] (unnormalised), ``target`` [C, D] (normalised here); the softmax runs over all C
     targets with multiplier ``exp(logit_scale)`` (open_clip's log scale). The GGN does not depend on the
     label. The C x D products run in the input dtype; the D x D sums in float64. Sources are processed in
-    chunks of ``chunk_size`` rows (default: about 256 MiB of logits). Returns a symmetric float64 [D, D].
+    chunks of ``chunk_size`` rows (default: at most 1024 rows and about 256 MiB of logits). Returns a symmetric float64 [D, D].
     """
     pb = _problem(source, target, logit_scale, None, chunk_size)
     return _sum_hessian(pb, _infonce_chunks(pb, diag=False))

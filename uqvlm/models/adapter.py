@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from uqvlm.data import hub
+from uqvlm.devices import autocast_for, resolve_device
 from uqvlm.errors import UqvlmError, WeightsUnavailableError
 from uqvlm.features import Features, LastLayer
 
@@ -320,11 +321,7 @@ class VLM:
     # -- encoding
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        # AMP on CUDA only, as in uqvlm.extraction: CPU autocast buys little for ViTs.
-        if self.device.type == "cuda" and self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.precision)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor | Sequence[Image.Image]) -> Features:
@@ -569,8 +566,7 @@ def load_vlm(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     register_uqvlm_configs()
     pretrained = None if pretrained is None else str(pretrained)
     cache_dir = open_clip_kwargs.get("cache_dir")

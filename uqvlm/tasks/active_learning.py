@@ -261,7 +261,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         prompts,
         cache_dir=dirs.cache,
         model_id=model.identity,
-        device=cfg.device,
         precision=model.precision,
     )
     posts, post_ident = fit_posteriors(cfg, model, dirs, tcfg.structure)

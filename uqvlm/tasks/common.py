@@ -96,12 +96,11 @@ class LoadedModel:
 
 
 def load_model(cfg: DictConfig, dirs: RunDirs) -> LoadedModel:
-    from uqvlm.extraction import resolve_device
     from uqvlm.models.adapter import load_vlm
 
     pretrained = resolve_pretrained(cfg.model, dirs.cache)
     precision = cfg.model.get("precision", "fp32")
-    vlm = load_vlm(cfg.model.name, pretrained, device=str(resolve_device(cfg.device)), precision=precision)
+    vlm = load_vlm(cfg.model.name, pretrained, device=cfg.device, precision=precision)
     return LoadedModel(
         vlm,
         model_identity(cfg.model.name, pretrained, precision),

@@ -96,7 +96,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         dataset.prompts(),
         cache_dir=dirs.cache,
         model_id=model.identity,
-        device=cfg.device,
         precision=model.precision,
     )
 
