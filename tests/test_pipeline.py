@@ -19,6 +19,15 @@ SMALL = [
     "task.methods.tta.views=2",
     "task.methods.bayesvlm-kfac-mc.samples=200",
 ]
+# MAP and BayesVLM-KFAC only: what a prior-precision sweep compares.
+KFAC_SWEEP = [
+    *SMALL,
+    "posterior=kfac",
+    "~task.methods.temperature",
+    "~task.methods.tta",
+    "~task.methods.bayesvlm-kfac-mc",
+    "task.plots=false",
+]
 COLUMNS = ["method", "acc", "nll", "ece", "ece15", "brier", "auroc", "aurc", "n", "uses_labels"]
 
 
@@ -105,14 +114,7 @@ def test_warm_rerun_reuses_caches_and_reproduces(first_run, test_cache):
 @pytest.mark.slow
 def test_multirun_sweep_skips_finished_configs_and_reports(first_run, test_cache, tmp_path):
     results, logs, _ = first_run
-    sweep = [
-        *SMALL,
-        "posterior=kfac",
-        "~task.methods.temperature",
-        "~task.methods.tta",
-        "~task.methods.bayesvlm-kfac-mc",
-        "task.plots=false",
-    ]
+    sweep = KFAC_SWEEP
     run_cli(
         *sweep, "posterior.prior_precision=1,100", cache=test_cache, results=results, logs=logs, multirun=True
     )
@@ -152,15 +154,7 @@ def test_submitit_local_sweep_of_three_prior_precisions(first_run, test_cache, t
     """hydra-submitit-launcher runs the jobs as separate processes; the report aggregates all three."""
     _, logs, _ = first_run
     results = tmp_path / "results"
-    sweep = [
-        *SMALL,
-        "posterior=kfac",
-        "~task.methods.temperature",
-        "~task.methods.tta",
-        "~task.methods.bayesvlm-kfac-mc",
-        "task.plots=false",
-        "hydra/launcher=submitit_local",
-    ]
+    sweep = [*KFAC_SWEEP, "hydra/launcher=submitit_local"]
     run_cli(
         *sweep,
         "posterior.prior_precision=1,100,10000",
