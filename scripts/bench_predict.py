@@ -65,8 +65,8 @@ def main() -> None:
         posterior_provider=lambda s: posts,
     )
     bayes = BayesVLM("kfac")
-    t_map = best_of(lambda: MAP().predict(ctx), args.repeats)
-    t_bayes = best_of(lambda: bayes.probs(ctx, ctx.image, posts), args.repeats)
+    t_map = best_of(lambda: MAP().predict_log_probs(ctx), args.repeats)
+    t_bayes = best_of(lambda: bayes.log_probs(ctx, ctx.image, posts), args.repeats)
     print(f"N={args.images} K={args.classes} D={args.dim} p={args.act}, {torch.get_num_threads()} threads")
     print(f"MAP predictive      {t_map:8.3f} s")
     print(f"BayesVLM (KFAC)     {t_bayes:8.3f} s")

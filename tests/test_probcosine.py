@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from uqvlm.probcosine import mc_probs, probcosine, probcosine_logits, probit_probs
+from uqvlm.probcosine import (
+    mc_log_probs,
+    mc_probs,
+    probcosine,
+    probcosine_logits,
+    probit_log_probs,
+    probit_probs,
+)
 
 F64 = torch.float64
 
@@ -211,7 +218,15 @@ def test_probit_sanity():
     )
 
 
-@pytest.mark.parametrize("fn", [probit_probs, lambda m, v: mc_probs(m, v, samples=4)])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        probit_probs,
+        probit_log_probs,
+        lambda m, v: mc_probs(m, v, samples=4),
+        lambda m, v: mc_log_probs(m, v, samples=4),
+    ],
+)
 def test_predictives_reject_bad_input(fn):
     m = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="var_logits"):
@@ -224,9 +239,49 @@ def test_predictives_reject_bad_input(fn):
         fn(m, torch.full((2, 3), float("inf")))
 
 
+def test_mc_log_probs_are_the_log_of_an_independent_monte_carlo_average():
+    g = torch.Generator().manual_seed(5)
+    m = 3 * torch.randn(4, 6, generator=g, dtype=F64)
+    v = torch.rand(4, 6, generator=g, dtype=F64)
+    samples = 500
+    # The same normal draws, averaged in probability space and logged at the end.
+    eps = torch.randn((samples, 4, 6), generator=torch.Generator().manual_seed(9), dtype=F64)
+    expected = torch.softmax(m + v.sqrt() * eps, -1).mean(0).log()
+    got = mc_log_probs(m, v, samples=samples, generator=torch.Generator().manual_seed(9))
+    assert got.dtype == F64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # In chunks (several log-space partial sums): the log of mc_probs with the same chunks and draws.
+    chunked = mc_log_probs(
+        m, v, samples=samples, generator=torch.Generator().manual_seed(2), max_elements=100
+    )
+    reference = mc_probs(m, v, samples=samples, generator=torch.Generator().manual_seed(2), max_elements=100)
+    torch.testing.assert_close(chunked, reference.log(), rtol=1e-12, atol=1e-12)
+
+
+def test_log_predictives_stay_finite_where_probabilities_underflow():
+    # A class 2000 logits behind: p = e^-2000 underflows to 0 in float64, its log is exact in log space.
+    m = torch.tensor([[0.0, -2000.0, -1.0]], dtype=F64)
+    zero = torch.zeros_like(m)
+    expected = m.log_softmax(-1)
+    assert mc_probs(m, zero, samples=3)[0, 1] == 0
+    torch.testing.assert_close(mc_log_probs(m, zero, samples=3), expected, rtol=1e-14, atol=1e-14)
+    v = torch.tensor([[1.0, 4.0, 0.0]], dtype=F64)
+    scaled = m / torch.sqrt(1 + math.pi / 8 * v)
+    assert probit_probs(m, v)[0, 1] == 0
+    torch.testing.assert_close(probit_log_probs(m, v), scaled.log_softmax(-1), rtol=1e-14, atol=1e-14)
+    assert torch.isfinite(probit_log_probs(m, v)).all()
+
+
+def test_probit_log_probs_are_the_log_of_probit_probs():
+    g = torch.Generator().manual_seed(6)
+    m, v = 5 * torch.randn(7, 4, generator=g, dtype=F64), 3 * torch.rand(7, 4, generator=g, dtype=F64)
+    torch.testing.assert_close(probit_log_probs(m, v), probit_probs(m, v).log(), rtol=1e-12, atol=1e-12)
+
+
 def test_mc_probs_rejects_bad_samples():
-    with pytest.raises(ValueError, match="samples"):
-        mc_probs(torch.zeros(1, 2), torch.zeros(1, 2), samples=0)
+    for fn in (mc_probs, mc_log_probs):
+        with pytest.raises(ValueError, match="samples"):
+            fn(torch.zeros(1, 2), torch.zeros(1, 2), samples=0)
 
 
 def test_rank1_probcosine_equals_full_variance_form():

@@ -1,6 +1,7 @@
 """Zero-shot prediction methods compared on the same cached features.
 
-A method is one small class: ``predict(ctx) -> probs [N, K]``. ``configs/task/zeroshot.yaml`` lists
+A method is one small class: ``predict_log_probs(ctx) -> log p [N, K]`` (float64, in log space so
+a class the predictive all but rules out keeps its exact NLL). ``configs/task/zeroshot.yaml`` lists
 them with ``_target_`` entries, so adding a method is a class here plus a line there.
 """
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from uqvlm.features import Features
-from uqvlm.probcosine import mc_probs, probcosine, probcosine_rank1, probit_probs
+from uqvlm.metrics import negative_log_likelihood
+from uqvlm.probcosine import mc_log_probs, probcosine, probcosine_rank1, probit_log_probs
 
 
 def cosine_logits(img: Tensor, txt: Tensor, logit_scale: float, logit_bias: float | None) -> Tensor:
@@ -58,14 +60,15 @@ class Method(ABC):
     structure: str | None = None
 
     @abstractmethod
-    def predict(self, ctx: ZeroShotContext) -> Tensor: ...
+    def predict_log_probs(self, ctx: ZeroShotContext) -> Tensor:
+        """log p(class | test image) [N, K], float64."""
 
 
 class MAP(Method):
     """The deterministic model: softmax of the scaled cosine logits."""
 
-    def predict(self, ctx: ZeroShotContext) -> Tensor:
-        return ctx.logits(ctx.image).softmax(-1)
+    def predict_log_probs(self, ctx: ZeroShotContext) -> Tensor:
+        return ctx.logits(ctx.image).log_softmax(-1)
 
 
 class Temperature(Method):
@@ -73,11 +76,11 @@ class Temperature(Method):
 
     uses_labels = True
 
-    def predict(self, ctx: ZeroShotContext) -> Tensor:
+    def predict_log_probs(self, ctx: ZeroShotContext) -> Tensor:
         val_features, val_labels = ctx.validation
         t = fit_temperature(ctx.logits(val_features), val_labels)
         ctx.notes["temperature"] = t
-        return (ctx.logits(ctx.image) / t).softmax(-1)
+        return (ctx.logits(ctx.image) / t).log_softmax(-1)
 
 
 def fit_temperature(logits: Tensor, labels: Tensor) -> float:
@@ -104,9 +107,11 @@ class TTA(Method):
             raise ValueError(f"tta views must be >= 1, got {views}")
         self.views = views
 
-    def predict(self, ctx: ZeroShotContext) -> Tensor:
+    def predict_log_probs(self, ctx: ZeroShotContext) -> Tensor:
         views = ctx.views_provider(self.views)
-        return torch.stack([ctx.logits(v).softmax(-1) for v in views]).mean(0)
+        # log of the mean of the views' softmaxes, in log space.
+        log_probs = torch.stack([ctx.logits(v).log_softmax(-1) for v in views])
+        return log_probs.logsumexp(0) - math.log(len(views))
 
 
 class BayesVLM(Method):
@@ -136,18 +141,19 @@ class BayesVLM(Method):
         scale = math.exp(ctx.logit_scale)
         return mean_cos.mul_(scale).add_(ctx.logit_bias or 0.0), var_cos.mul_(scale**2)
 
-    def probs(self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]) -> Tensor:
+    def log_probs(self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]) -> Tensor:
+        """log of the predictive [N, K] of ``image``, float64."""
         mean, var = self.logit_moments(ctx, image, posts)
         if self.predictive == "mc":
-            return mc_probs(
+            return mc_log_probs(
                 mean, var, samples=self.samples, generator=torch.Generator().manual_seed(self.seed)
             )
-        return probit_probs(mean, var)
+        return probit_log_probs(mean, var).double()
 
-    def predict(self, ctx: ZeroShotContext) -> Tensor:
+    def predict_log_probs(self, ctx: ZeroShotContext) -> Tensor:
         posts = ctx.posterior_provider(self.structure)
         self.configure_prior(ctx, posts)
-        return self.probs(ctx, ctx.image, posts)
+        return self.log_probs(ctx, ctx.image, posts)
 
     def configure_prior(self, ctx: ZeroShotContext, posts: dict[str, Any]) -> None:
         """Set n and lambda on both towers: a number, the evidence optimum, or a validation-NLL grid."""
@@ -167,8 +173,7 @@ class BayesVLM(Method):
             def val_nll(x: float) -> float:
                 for post in posts.values():
                     post.prior_precision = x
-                p = self.probs(ctx, val_features, posts)
-                return float(-p[torch.arange(len(val_labels)), val_labels].clamp_min(1e-12).log().mean())
+                return float(negative_log_likelihood(self.log_probs(ctx, val_features, posts), val_labels))
 
             best = grid_search_prior(val_nll, [10.0 ** (e / 2) for e in range(-4, 17)])
             for post in posts.values():

@@ -1,4 +1,6 @@
-"""Figures people would rather look at than read: reliability, risk-coverage, uncertain examples."""
+"""Figures people would rather look at than read: reliability, risk-coverage, uncertain examples.
+
+They take the methods' log-probabilities [N, K] and work on p = exp(log p) in float64."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from uqvlm.cache import atomic_write  # noqa: E402
-from uqvlm.metrics import risk_coverage  # noqa: E402
+from uqvlm.metrics import calibration_bins, risk_coverage, top_label  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -24,22 +26,26 @@ def _save(fig, path: Path) -> Path:
 
 
 def reliability_diagram(
-    probs: dict[str, Tensor], labels: Tensor, path: Path, bins: int = 20, title: str = ""
+    log_probs: dict[str, Tensor], labels: Tensor, path: Path, bins: int = 20, title: str = ""
 ) -> Path:
-    """Accuracy vs confidence per equal-width bin, one panel per method, with the ECE gap shaded."""
-    cols = min(3, len(probs))
-    rows = -(-len(probs) // cols)
+    """Accuracy vs confidence per equal-width bin, one panel per method, with the ECE gap shaded.
+
+    The ECE metric's bins (:func:`uqvlm.metrics.calibration_bins`); its bin of confidences exactly 1 is
+    drawn as part of the last bar."""
+    cols = min(3, len(log_probs))
+    rows = -(-len(log_probs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.4), squeeze=False)
     edges = torch.linspace(0, 1, bins + 1)
-    for ax in axes.flat[len(probs) :]:
+    for ax in axes.flat[len(log_probs) :]:
         ax.axis("off")
-    for ax, (name, p) in zip(axes.flat, probs.items(), strict=False):
-        conf, pred = p.max(1)
-        correct = (pred == labels).double()
-        idx = torch.clamp(torch.bucketize(conf.double(), edges.double(), right=False) - 1, 0, bins - 1)
-        count = torch.bincount(idx, minlength=bins).double()
-        acc = torch.bincount(idx, weights=correct, minlength=bins) / count.clamp_min(1)
-        mean_conf = torch.bincount(idx, weights=conf.double(), minlength=bins) / count.clamp_min(1)
+    for ax, (name, lp) in zip(axes.flat, log_probs.items(), strict=False):
+        conf, correct = top_label(lp.cpu(), labels.cpu())
+        count, conf_sum, correct_sum = (
+            torch.cat([t[:-2], t[-2:].sum(0, keepdim=True)])  # the bin of confidence 1 into the last bar
+            for t in calibration_bins(conf, correct, bins)
+        )
+        acc = correct_sum / count.clamp_min(1)
+        mean_conf = conf_sum / count.clamp_min(1)
         has = count > 0
         centres = ((edges[:-1] + edges[1:]) / 2)[has].numpy()
         acc, gap = acc[has].numpy(), (mean_conf - acc)[has].numpy()
@@ -54,12 +60,12 @@ def reliability_diagram(
     return _save(fig, path)
 
 
-def risk_coverage_curves(probs: dict[str, Tensor], labels: Tensor, path: Path, title: str = "") -> Path:
+def risk_coverage_curves(log_probs: dict[str, Tensor], labels: Tensor, path: Path, title: str = "") -> Path:
     """Selective risk vs coverage (keep the most confident first) for every method on one axis."""
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
-    for name, p in probs.items():
-        conf, pred = p.max(1)
-        coverage, risk = risk_coverage(conf, (pred != labels).double())
+    for name, lp in log_probs.items():
+        conf, correct = top_label(lp.cpu(), labels.cpu())
+        coverage, risk = risk_coverage(conf, (~correct).double())
         ax.plot(coverage, risk, label=f"{name} (AURC {float(risk.mean()):.3f})", linewidth=1.2)
     ax.set(xlabel="coverage", ylabel="risk (error rate)", xlim=(0, 1), title=title)
     ax.legend(fontsize=7)
@@ -69,7 +75,7 @@ def risk_coverage_curves(probs: dict[str, Tensor], labels: Tensor, path: Path, t
 def uncertain_examples(
     dataset: Sequence,
     labels: Tensor,
-    probs: Tensor,
+    log_probs: Tensor,
     classnames: Sequence[str],
     path: Path,
     per_row: int = 8,
@@ -78,7 +84,8 @@ def uncertain_examples(
     """Top row: the most uncertain test images; bottom: the least (predictive entropy), with predictions.
 
     ``dataset[i]`` gives ``(image, label)``; only the shown images are loaded."""
-    entropy = -torch.xlogy(probs.double(), probs.double()).sum(1)
+    probs = log_probs.detach().cpu().double().exp()
+    entropy = -torch.xlogy(probs, probs).sum(1)
     order = torch.argsort(entropy, descending=True)
     picks = {"most uncertain": order[:per_row].tolist(), "least uncertain": order.flip(0)[:per_row].tolist()}
     fig, axes = plt.subplots(2, per_row, figsize=(1.6 * per_row, 4.0), squeeze=False)

@@ -8,13 +8,21 @@ both norms replaced by their root mean square); for the cosine itself it is the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from uqvlm.validation import check_tensor
 
-__all__ = ["probcosine", "probcosine_logits", "probit_probs", "mc_probs"]
+__all__ = [
+    "probcosine",
+    "probcosine_logits",
+    "probit_probs",
+    "probit_log_probs",
+    "mc_probs",
+    "mc_log_probs",
+]
 
 
 def _check_matrix(name: str, x: Tensor, ndim: int = 2) -> None:
@@ -144,13 +152,68 @@ def _check_logits(mean_logits: Tensor, var_logits: Tensor) -> None:
     _check_variance("var_logits", var_logits, "mean_logits", mean_logits)
 
 
-def probit_probs(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
-    """Probit-approximated predictive softmax(mean / sqrt(1 + pi/8 var)) over the last dimension."""
+def _probit_scaled(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
     _check_logits(mean_logits, var_logits)
     dtype = torch.promote_types(mean_logits.dtype, var_logits.dtype)
     # In place on one temporary: this runs over every [N, K] logit.
-    scaled = var_logits.to(dtype).mul(math.pi / 8.0).add_(1.0).rsqrt_().mul_(mean_logits)
-    return torch.softmax(scaled, dim=-1)
+    return var_logits.to(dtype).mul(math.pi / 8.0).add_(1.0).rsqrt_().mul_(mean_logits)
+
+
+def probit_log_probs(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
+    """log of the probit-approximated predictive: log_softmax(mean / sqrt(1 + pi/8 var)), last dimension.
+
+    Exact in log space, so a class the predictive all but rules out keeps a finite log-probability."""
+    return torch.log_softmax(_probit_scaled(mean_logits, var_logits), dim=-1)
+
+
+def probit_probs(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
+    """Probit-approximated predictive softmax(mean / sqrt(1 + pi/8 var)) over the last dimension."""
+    return torch.softmax(_probit_scaled(mean_logits, var_logits), dim=-1)
+
+
+def _logit_sample_chunks(
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    samples: int,
+    generator: torch.Generator | None,
+    max_elements: int,
+) -> Iterator[Tensor]:
+    """Chunks [m, *mean.shape] of samples l ~ N(mean, diag var), ``samples`` rows in all."""
+    _check_logits(mean_logits, var_logits)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
+    dtype = torch.promote_types(mean_logits.dtype, var_logits.dtype)
+    mean = mean_logits.to(dtype)
+    std = var_logits.to(dtype).sqrt()
+    chunk = max(1, min(samples, max_elements // max(1, mean.numel())))
+    done = 0
+    while done < samples:
+        m = min(chunk, samples - done)
+        eps = torch.randn((m, *mean.shape), generator=generator, dtype=dtype, device=mean.device)
+        yield mean + std * eps
+        done += m
+
+
+def mc_log_probs(
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    samples: int = 1000,
+    generator: torch.Generator | None = None,
+    max_elements: int = 1 << 24,
+) -> Tensor:
+    """log of the Monte Carlo predictive, log E[softmax(l)] = logsumexp_s log_softmax(l_s) - log S,
+    with independent l_k ~ N(mean_k, var_k), over the last dimension; float64.
+
+    The same samples as :func:`mc_probs` with the same generator and ``max_elements``. Accumulated in log
+    space (float64), so it stays finite where the averaged probability underflows.
+    """
+    total = None
+    for logits in _logit_sample_chunks(mean_logits, var_logits, samples, generator, max_elements):
+        part = torch.log_softmax(logits.double(), dim=-1).logsumexp(0)
+        total = part if total is None else torch.logaddexp(total, part)
+    return total - math.log(samples)
 
 
 def mc_probs(
@@ -165,21 +228,10 @@ def mc_probs(
     Samples are drawn in chunks of at most ``max_elements`` logits so memory stays bounded; with a
     seeded ``generator`` the result is deterministic (for a fixed ``max_elements``).
     """
-    _check_logits(mean_logits, var_logits)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if max_elements < 1:
-        raise ValueError(f"max_elements must be positive, got {max_elements}")
     dtype = torch.promote_types(mean_logits.dtype, var_logits.dtype)
-    mean = mean_logits.to(dtype)
-    std = var_logits.to(dtype).sqrt()
-    chunk = max(1, min(samples, max_elements // max(1, mean.numel())))
-    # Accumulate in float64 so averaging many chunks does not lose float32 precision.
-    total = torch.zeros(mean.shape, dtype=torch.float64, device=mean.device)
-    done = 0
-    while done < samples:
-        m = min(chunk, samples - done)
-        eps = torch.randn((m, *mean.shape), generator=generator, dtype=dtype, device=mean.device)
-        total += torch.softmax(mean + std * eps, dim=-1).sum(0, dtype=torch.float64)
-        done += m
+    total = None
+    for logits in _logit_sample_chunks(mean_logits, var_logits, samples, generator, max_elements):
+        # Accumulate in float64 so averaging many chunks does not lose float32 precision.
+        part = torch.softmax(logits, dim=-1).sum(0, dtype=torch.float64)
+        total = part if total is None else total + part
     return (total / samples).to(dtype)

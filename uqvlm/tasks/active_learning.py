@@ -27,7 +27,7 @@ from uqvlm.errors import UqvlmError
 from uqvlm.extraction import encode_prompts
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
-from uqvlm.metrics import evaluate_probs
+from uqvlm.metrics import evaluate_log_probs
 from uqvlm.results import model_slug, write_results
 from uqvlm.tasks.common import extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
@@ -150,10 +150,10 @@ class Evaluator:
     def __call__(self, layer: LastLayer) -> dict[str, float]:
         feats = self.data.target
         z = embed(layer, feats)  # residuals included
-        map_probs = cosine_logits(z, self.text.embeddings, self.scale, self.bias).softmax(-1)
-        bayes_probs = self.method.probs(self.ctx, Features(feats.activations, z), self.posts)
-        bayes = evaluate_probs(bayes_probs, self.data.target_labels, self.ece_bins)
-        map_ = evaluate_probs(map_probs, self.data.target_labels, self.ece_bins)
+        map_log_probs = cosine_logits(z, self.text.embeddings, self.scale, self.bias).log_softmax(-1)
+        bayes_log_probs = self.method.log_probs(self.ctx, Features(feats.activations, z), self.posts)
+        bayes = evaluate_log_probs(bayes_log_probs, self.data.target_labels, self.ece_bins)
+        map_ = evaluate_log_probs(map_log_probs, self.data.target_labels, self.ece_bins)
         return {
             "acc": bayes["acc"],
             "nll": bayes["nll"],

@@ -16,7 +16,7 @@ from uqvlm.data.registry import build_zeroshot_dataset
 from uqvlm.errors import DatasetFormatError, DataUnavailableError, UqvlmError
 from uqvlm.extraction import encode_prompts
 from uqvlm.methods import BayesVLM, Method, ZeroShotContext
-from uqvlm.metrics import METRIC_COLUMNS, evaluate_probs
+from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likelihood
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
@@ -50,20 +50,20 @@ def _features(cfg: DictConfig, model: LoadedModel, dirs: RunDirs, dataset, what:
     return feats["image"], labels
 
 
-def write_plots(probs: dict, labels, dataset, directory, stem: str, title: str, ece_bins: int) -> None:
+def write_plots(log_probs: dict, labels, dataset, directory, stem: str, title: str, ece_bins: int) -> None:
     """Reliability diagrams, risk-coverage curves, and the most/least uncertain images of the first
     Bayesian method (else the last method)."""
     from uqvlm import plots
 
     plots.reliability_diagram(
-        probs, labels, directory / f"{stem}_reliability.png", bins=ece_bins, title=title
+        log_probs, labels, directory / f"{stem}_reliability.png", bins=ece_bins, title=title
     )
-    plots.risk_coverage_curves(probs, labels, directory / f"{stem}_risk_coverage.png", title=title)
-    name = next((m for m in probs if m.startswith("bayesvlm")), list(probs)[-1])
+    plots.risk_coverage_curves(log_probs, labels, directory / f"{stem}_risk_coverage.png", title=title)
+    name = next((m for m in log_probs if m.startswith("bayesvlm")), list(log_probs)[-1])
     plots.uncertain_examples(
         dataset,
         labels,
-        probs[name],
+        log_probs[name],
         dataset.classnames,
         directory / f"{stem}_uncertain.png",
         title=f"{title}: {name}",
@@ -77,8 +77,8 @@ def validation_nll(ctx: ZeroShotContext, methods: dict[str, Method]) -> float:
         raise UqvlmError("task.objective=val_nll needs a BayesVLM method (posterior=kfac or diag)")
     method = bayes[0]
     val_features, val_labels = ctx.validation
-    probs = method.probs(ctx, val_features, ctx.posterior_provider(method.structure))
-    return evaluate_probs(probs, val_labels)["nll"]
+    log_probs = method.log_probs(ctx, val_features, ctx.posterior_provider(method.structure))
+    return float(negative_log_likelihood(log_probs, val_labels))
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
@@ -137,13 +137,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         posterior_provider=posteriors,
     )
     ece_bins = int(cfg.task.ece_bins)
-    rows, probs = [], {}
+    rows, log_probs = [], {}
     for name, method in methods.items():
-        probs[name] = method.predict(ctx)
+        log_probs[name] = method.predict_log_probs(ctx)
         rows.append(
             {
                 "method": name,
-                **evaluate_probs(probs[name], labels, ece_bins),
+                **evaluate_log_probs(log_probs[name], labels, ece_bins),
                 "uses_labels": method.uses_labels,
             }
         )
@@ -155,7 +155,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         provenance["objective"] = table.attrs["objective"] = validation_nll(ctx, methods)
         console.print(f"objective (validation NLL): {table.attrs['objective']:.5f}")
     if cfg.task.get("plots", True):
-        write_plots(probs, labels, dataset, directory, stem, title, ece_bins)
+        write_plots(log_probs, labels, dataset, directory, stem, title, ece_bins)
     # The record last: its presence means the run finished (a re-launched sweep skips it).
     write_results(table, directory, stem, title=title, cfg=cfg, provenance=provenance)
     console.print("uses_labels: fitted on the labelled validation split of the evaluated dataset")
