@@ -200,7 +200,7 @@ def test_offline_hf_hub_fails_fast(monkeypatch, tmp_path):
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from uqvlm.data import hub
+    from uqvlm import hub
 
     if hub.reachable(constants.ENDPOINT):
         pytest.skip("the hub is reachable from here")

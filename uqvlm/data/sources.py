@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uqvlm.data import hub
+from uqvlm import hub
 from uqvlm.data.base import PairDataset, ZeroShotDataset, fingerprint_of
 from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import DatasetFormatError, DataUnavailableError

@@ -32,7 +32,7 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from uqvlm.data import hub
+from uqvlm import hub
 from uqvlm.devices import autocast_for, resolve_device
 from uqvlm.errors import UqvlmError, WeightsUnavailableError
 from uqvlm.features import Features, LastLayer
