@@ -1,4 +1,4 @@
-"""The model adapter splits every supported tower exactly at its last layer, and loads offline-first.
+"""The model wrapper (uqvlm.models.vlm) splits every supported tower exactly at its last layer, and loads offline-first.
 
 Big towers are random-init (no weights can be downloaded here) and built once per module; ViT-L/H run
 at a reduced input size and context length, which changes nothing in where the last layer sits.
@@ -17,7 +17,7 @@ import torch
 
 from uqvlm.errors import WeightsUnavailableError
 from uqvlm.features import Features
-from uqvlm.models.adapter import VLM, UnsupportedModelError, load_vlm
+from uqvlm.models.vlm import VLM, UnsupportedModelError, load_vlm
 
 try:
     import uqvlm.models.tiny  # noqa: F401
