@@ -16,7 +16,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from PIL import Image
 import numpy as np
-from uqvlm.models.adapter import load_vlm
+from uqvlm.models import load_vlm
 model, n, bs, device, precision = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 torch.manual_seed(0)
 vlm = load_vlm(model, None, device=device, precision=precision)  # the VLM applies AMP itself

@@ -1,4 +1,4 @@
-"""The model adapter splits every supported tower exactly at its last layer, and loads offline-first.
+"""The model wrapper (uqvlm.models.vlm) splits every supported tower exactly at its last layer, and loads offline-first.
 
 Big towers are random-init (no weights can be downloaded here) and built once per module; ViT-L/H run
 at a reduced input size and context length, which changes nothing in where the last layer sits.
@@ -17,7 +17,7 @@ import torch
 
 from uqvlm.errors import WeightsUnavailableError
 from uqvlm.features import Features
-from uqvlm.models.adapter import VLM, UnsupportedModelError, load_vlm
+from uqvlm.models.vlm import VLM, UnsupportedModelError, load_vlm
 
 try:
     import uqvlm.models.tiny  # noqa: F401
@@ -200,7 +200,7 @@ def test_offline_hf_hub_fails_fast(monkeypatch, tmp_path):
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from uqvlm.data import hub
+    from uqvlm import hub
 
     if hub.reachable(constants.ENDPOINT):
         pytest.skip("the hub is reachable from here")

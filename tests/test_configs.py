@@ -98,3 +98,29 @@ def test_package_list_matches_source_tree():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "uqvlm").rglob("__init__.py")}
     assert found | {"uqvlm.configs"} == listed
+
+
+def test_unset_mandatory_data_key_names_the_key_to_set():
+    """A ``???`` left in a data section fails with the override to set, not omegaconf's own error."""
+    from uqvlm.data.registry import build_pair_dataset, build_zeroshot_dataset
+    from uqvlm.errors import DataUnavailableError
+
+    cfg = compose_with("dataset=ucf101", "hessian_data=laion400m")
+    with pytest.raises(DataUnavailableError, match=r"dataset 'ucf101' needs root: .* dataset\.root="):
+        build_zeroshot_dataset(cfg.dataset)
+    with pytest.raises(
+        DataUnavailableError, match=r"hessian_data 'laion400m' needs root: .* hessian_data\.root="
+    ):
+        build_pair_dataset(cfg.hessian_data)
+
+
+def test_to_plain_resolves_containers_and_leaves_plain_values():
+    from omegaconf import OmegaConf
+
+    from uqvlm.config_utils import to_plain
+
+    cfg = OmegaConf.create({"a": 1, "c": [1, "${a}"], "d": {"e": "${a}"}})
+    assert to_plain(cfg) == {"a": 1, "c": [1, 1], "d": {"e": 1}}
+    assert type(to_plain(cfg.c)) is list and type(to_plain(cfg.d)) is dict
+    plain = {"x": [1, 2]}
+    assert to_plain(plain) is plain and to_plain(None) is None and to_plain("paper") == "paper"

@@ -193,7 +193,7 @@ def test_offline_hub_id_fails_fast():
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     from huggingface_hub import constants
 
-    from uqvlm.data import hub
+    from uqvlm import hub
 
     if hub.reachable(constants.ENDPOINT):
         pytest.skip("the hub is reachable from here")

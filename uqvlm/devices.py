@@ -1,4 +1,4 @@
-"""Device choice and mixed precision, shared by the model adapter and the feature extractor."""
+"""Device choice and mixed precision, shared by the model wrapper (uqvlm.models.vlm) and the feature extractor."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from uqvlm.config_utils import to_plain
 from uqvlm.data.base import ZeroShotDataset, fingerprint_of
 from uqvlm.data.registry import build_zeroshot_dataset
 from uqvlm.errors import DatasetFormatError
@@ -67,12 +68,6 @@ def pool_domains(spec: Mapping[str, Any]) -> list[str]:
     return [d for d in chosen if d != target]
 
 
-def _plain(x: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
-
-
 def _seeded_split(n: int, fractions: Mapping[str, float], seed: int, domain: str) -> dict[str, np.ndarray]:
     total = sum(float(fractions[s]) for s in SPLITS)
     digest = int(fingerprint_of("al-split", seed, domain), 16)
@@ -90,7 +85,7 @@ def _select(feats: Features, rows: np.ndarray | Tensor) -> Features:
 
 def build_domain_data(spec: Mapping[str, Any], extract: Extractor) -> DomainData:
     """Load (through ``extract``, which caches features) the splits the pool and target need."""
-    spec = _plain(spec)
+    spec = to_plain(spec)
     target = spec["target"]
     pool_names = pool_domains(spec)
     used = [target, *[d for d in pool_names if d != target]]

@@ -11,17 +11,16 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from uqvlm.config_utils import to_plain
 from uqvlm.data.base import PairDataset, ZeroShotDataset
+from uqvlm.data.shapes import ShapesPairs, ShapesZeroShot
 from uqvlm.data.sources import HFPairs, HFZeroShot, ImageFolderZeroShot, WebDatasetPairs
 from uqvlm.data.templates import resolve_templates
-from uqvlm.errors import DataUnavailableError
 
 log = logging.getLogger(__name__)
 
 
 def _shapes_zeroshot(**kw: Any) -> ZeroShotDataset:
-    from uqvlm.data.shapes import ShapesZeroShot
-
     spec = kw.pop("templates", None)
     # "default" means the shapes world's own prompts; a named set or a list replaces them.
     kw["templates"] = None if spec in (None, "default") else resolve_templates(spec)
@@ -29,48 +28,19 @@ def _shapes_zeroshot(**kw: Any) -> ZeroShotDataset:
 
 
 def _shapes_pairs(**kw: Any) -> PairDataset:
-    from uqvlm.data.shapes import ShapesPairs
-
     return _call(ShapesPairs, kw)
 
 
 ZEROSHOT_KINDS: dict[str, Callable[..., ZeroShotDataset]] = {
     "hf": HFZeroShot,
     "imagefolder": ImageFolderZeroShot,
+    "shapes": _shapes_zeroshot,
 }
 PAIR_KINDS: dict[str, Callable[..., PairDataset]] = {
     "wds": WebDatasetPairs,
     "hf": HFPairs,
+    "shapes": _shapes_pairs,
 }
-try:
-    import uqvlm.data.shapes  # noqa: F401
-
-    ZEROSHOT_KINDS["shapes"] = _shapes_zeroshot
-    PAIR_KINDS["shapes"] = _shapes_pairs
-except ImportError:
-    pass
-
-
-def _plain(cfg: Mapping, section: str) -> dict[str, Any]:
-    """A plain dict of the section; a mandatory value left unset (``???``) names the key to set."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import MissingMandatoryValue
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        missing = sorted(k for k in cfg.keys() if OmegaConf.is_missing(cfg, k))
-        if missing:
-            name = cfg.get("name", "?") if "name" not in missing else "?"
-            raise DataUnavailableError(
-                f"{section} {name!r} needs {', '.join(missing)}: set it, e.g. on the command line "
-                f"{section}.{missing[0]}=/path/to/data"
-            )
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-        except MissingMandatoryValue as e:
-            raise DataUnavailableError(f"dataset config is incomplete: {e}") from e
-    return dict(cfg)
 
 
 def _call(factory: Callable[..., Any], kw: Mapping[str, Any]) -> Any:
@@ -86,7 +56,7 @@ def _call(factory: Callable[..., Any], kw: Mapping[str, Any]) -> Any:
 
 
 def _build(cfg: Mapping, kinds: Mapping[str, Callable[..., Any]], what: str, section: str) -> Any:
-    kw = _plain(cfg, section)
+    kw = dict(to_plain(cfg, section))
     kind = kw.pop("kind", None)
     if kind not in kinds:
         raise ValueError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(sorted(kinds))}")

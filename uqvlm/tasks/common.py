@@ -31,7 +31,7 @@ def prepare_dirs(cfg: DictConfig) -> RunDirs:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad or incompatible settings before any compute, naming the config key."""
-    from uqvlm.models.adapter import check_model_name
+    from uqvlm.models import check_model_name
 
     name = cfg.model.name
     if not str(name).startswith(("hf-hub:", "local-dir:")):
@@ -96,7 +96,7 @@ class LoadedModel:
 
 
 def load_model(cfg: DictConfig, dirs: RunDirs) -> LoadedModel:
-    from uqvlm.models.adapter import load_vlm
+    from uqvlm.models import load_vlm
 
     pretrained = resolve_pretrained(cfg.model, dirs.cache)
     precision = cfg.model.get("precision", "fp32")

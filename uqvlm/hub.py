@@ -1,4 +1,4 @@
-"""Offline-first access to the Hugging Face hub, shared by the model adapter and the dataset sources.
+"""Offline-first access to the Hugging Face hub, for model weights and tokenizers as for datasets.
 
 huggingface_hub and datasets read ``HF_HUB_OFFLINE`` / ``HF_HOME`` once, at import; a machine without
 internet and without ``HF_HUB_OFFLINE=1`` then spends ~25 s in retry loops before failing. These helpers

@@ -1,10 +1,7 @@
-"""One interface over open_clip models: load offline-first, and split each tower at its last layer.
+"""One interface over open_clip models: load one (:func:`load_vlm`) and split each tower at its last layer.
 
-``load_vlm`` accepts an open_clip model name with a pretrained tag, a local checkpoint file, an
-``hf-hub:org/repo`` or a ``local-dir:/path`` source (as the model name or as ``pretrained``). Weights are
-looked up in the local caches first; when they are not there and cannot be downloaded, it raises
-:class:`~uqvlm.errors.WeightsUnavailableError` within seconds instead of open_clip's retry loops or its
-silent fallback to random weights.
+``load_vlm`` finds the weights offline-first (:mod:`uqvlm.models.weights`: model names, pretrained tags,
+checkpoint files, ``hf-hub:`` and ``local-dir:`` sources) and builds the model with open_clip.
 
 ``VLM.encode_images`` / ``VLM.encode_texts`` return :class:`~uqvlm.features.Features`: the activations
 entering the tower's last layer, the unnormalised embedding the model itself outputs, and the residual
@@ -16,55 +13,30 @@ the projection Parameter temporarily removed), never by re-implementing an encod
 from __future__ import annotations
 
 import contextlib
-import difflib
-import logging
-import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 from open_clip.model import CLIP
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
-from uqvlm.data import hub
+from uqvlm import hub
 from uqvlm.devices import autocast_for, resolve_device
 from uqvlm.errors import UqvlmError, WeightsUnavailableError
 from uqvlm.features import Features, LastLayer
-
-log = logging.getLogger(__name__)
+from uqvlm.models.tiny import register_model_configs
+from uqvlm.models.weights import resolve_weights, weights_unavailable
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-HF_HUB_PREFIX = "hf-hub:"
-LOCAL_DIR_PREFIX = "local-dir:"
-# open_clip's weight file names in hub repos, safetensors first as open_clip prefers them.
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-HF_CONFIG_FILE = "open_clip_config.json"
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".ckpt")
-
-
-class ModelNameError(UqvlmError, ValueError):
-    """Unknown open_clip model name or pretrained tag (the message lists close matches)."""
 
 
 class UnsupportedModelError(UqvlmError, ValueError):
     """The tower's last layer is not one uqvlm knows how to split off."""
-
-
-def register_uqvlm_configs() -> None:
-    """Make uqvlm's own open_clip configs (``uqvlm-tiny``) known to open_clip, when that module exists."""
-    try:
-        from uqvlm.models import tiny
-    except ImportError:
-        return
-    register = getattr(tiny, "register_model_configs", None)
-    if register is not None:
-        register()
 
 
 # ----------------------------------------------------------------------------- last-layer specs
@@ -117,8 +89,6 @@ def _image_head(model: nn.Module) -> _Head:
     visual = model.visual
     if isinstance(visual, VisionTransformer):
         return _linear_or_param_head(visual, "proj", "visual.proj")
-
-    from open_clip.timm_model import TimmModel
 
     if isinstance(visual, TimmModel):
         return _timm_head(visual)
@@ -346,199 +316,6 @@ class VLM:
 # ----------------------------------------------------------------------------- loading
 
 
-def _schema(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value.startswith(HF_HUB_PREFIX):
-        return "hf-hub"
-    if value.startswith(LOCAL_DIR_PREFIX):
-        return "local-dir"
-    return None
-
-
-def check_model_name(model_name: str) -> str:
-    """The open_clip config name for ``model_name`` ('/' as '-'); ValueError with close matches if unknown."""
-    register_uqvlm_configs()
-    cleaned = model_name.replace("/", "-")
-    known = open_clip.list_models()
-    if cleaned in known:
-        return cleaned
-    by_lower = {m.lower(): m for m in known}
-    close = difflib.get_close_matches(cleaned.lower(), list(by_lower), n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(by_lower[c] for c in close)}?" if close else ""
-    raise ModelNameError(
-        f"unknown open_clip model {model_name!r}.{hint} "
-        "(open_clip.list_models() lists all; hf-hub:org/repo and local-dir:/path also work)"
-    )
-
-
-def _missing(what: str, repo: str | None = None, checkpoint_hint: bool = True) -> WeightsUnavailableError:
-    ways = []
-    if repo is not None:
-        ways.append(hub.how_to_populate(repo))
-    if checkpoint_hint:
-        ways.append("or pass model.pretrained=/path/to/checkpoint.bin (an open_clip checkpoint file)")
-    return WeightsUnavailableError(f"{what}. To provide it: " + "; ".join(ways) + ".")
-
-
-def _hub_weights(repo_id: str, filenames: Sequence[str], what: str, cache_dir: str | None) -> str:
-    """A weight file of ``repo_id`` from the cache, else downloaded; fails fast when offline."""
-    for fn in filenames:
-        path = hub.cached_file(repo_id, fn, cache_dir=cache_dir)
-        if path is not None:
-            return path
-    if hub.is_offline():
-        raise _missing(
-            f"weights for {what} are not in the local Hugging Face cache ({cache_dir or hub.hub_cache_dir()}) "
-            f"and the hub cannot be reached (offline): looked for {', '.join(filenames)} in {repo_id}",
-            repo_id,
-        )
-    for fn in filenames:
-        path = hub.fetch_file(repo_id, fn, cache_dir=cache_dir)
-        if path is not None:
-            return path
-    raise _missing(f"could not download weights for {what} from {repo_id} ({', '.join(filenames)})", repo_id)
-
-
-def _safe_alternatives(filename: str) -> list[str]:
-    # open_clip prefers a .safetensors sibling when the hub repo has one.
-    if filename == "open_clip_pytorch_model.bin":
-        return ["open_clip_model.safetensors", filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
-
-
-def _url_target(url: str, cache_dir: str | None) -> str:
-    """Where open_clip's URL downloader keeps ``url``."""
-    return os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
-
-
-def _url_weights(url: str, what: str, cache_dir: str | None) -> str:
-    target = _url_target(url, cache_dir)
-    if os.path.isfile(target):
-        return target
-    if hub.is_offline() or not hub.reachable(url):
-        raise _missing(f"weights for {what} are not cached at {target} and {url} cannot be reached (offline)")
-    from open_clip.pretrained import download_pretrained_from_url
-
-    try:
-        return download_pretrained_from_url(url, cache_dir=cache_dir)
-    except Exception as e:
-        raise _missing(f"could not download weights for {what} from {url} ({e})") from e
-
-
-@dataclass
-class _Source:
-    """What to hand to open_clip: a (schema or built-in) model name, a checkpoint path and preprocessing."""
-
-    oc_name: str
-    checkpoint: str | None
-    force_preprocess: dict[str, Any]
-    offline: bool = False
-
-
-def _resolve_tag(name: str, tag: str, cache_dir: str | None) -> _Source:
-    from open_clip.pretrained import get_pretrained_cfg
-    from open_clip.transform import merge_preprocess_dict
-
-    pcfg = get_pretrained_cfg(name, tag)
-    what = f"{name} ({tag})"
-    if "file" in pcfg:
-        path = pcfg["file"]
-        if not os.path.isfile(path):
-            raise _missing(f"checkpoint file {path!r} of tag {tag!r} does not exist")
-    elif pcfg.get("hf_hub"):
-        repo_id, filename = os.path.split(pcfg["hf_hub"])
-        candidates = _safe_alternatives(filename or "open_clip_pytorch_model.bin")
-        cached = any(hub.cached_file(repo_id, fn, cache_dir=cache_dir) for fn in candidates)
-        url = pcfg.get("url")
-        if not cached and url and os.path.isfile(_url_target(url, cache_dir)):
-            path = _url_target(url, cache_dir)  # an earlier download through open_clip's URL path
-        else:
-            path = _hub_weights(repo_id, candidates, what, cache_dir)
-    elif pcfg.get("url"):
-        path = _url_weights(pcfg["url"], what, cache_dir)
-    else:
-        raise _missing(f"pretrained tag {tag!r} of {name} names no weight source")
-    # open_clip merges the tag's normalisation into preprocessing only when given the tag itself; we hand
-    # it the resolved file, so pass those keys explicitly (size still comes from the model).
-    pre = merge_preprocess_dict({}, pcfg)
-    pre = {k: pre[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pre}
-    model_cfg = open_clip.get_model_config(name) or {}
-    if bool(pcfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
-        warnings.warn(
-            f"QuickGELU mismatch between model {name} and pretrained tag {tag!r}; "
-            f"use {name}-quickgelu for weights trained with QuickGELU",
-            UserWarning,
-            stacklevel=3,
-        )
-    return _Source(name, path, pre)
-
-
-def _resolve_hf_hub(repo_id: str, cache_dir: str | None) -> _Source:
-    what = f"hf-hub:{repo_id}"
-    offline = hub.is_offline()
-    config = hub.cached_file(repo_id, HF_CONFIG_FILE, cache_dir=cache_dir)
-    if config is None and not offline:
-        config = hub.fetch_file(repo_id, HF_CONFIG_FILE, cache_dir=cache_dir)
-    if config is None:
-        state = "offline and not in the local Hugging Face cache" if offline else "could not be downloaded"
-        raise _missing(f"{HF_CONFIG_FILE} of {what} is {state} ({cache_dir or hub.hub_cache_dir()})", repo_id)
-    # open_clip only warns and initialises randomly when the hub weights are missing: check them first.
-    _hub_weights(repo_id, HF_WEIGHT_FILES, what, cache_dir)
-    # Everything is cached now; open_clip reads it from there without contacting the hub.
-    return _Source(HF_HUB_PREFIX + repo_id, None, {}, offline=True)
-
-
-def _resolve_local_dir(path: str) -> _Source:
-    d = Path(path).expanduser()
-    if not d.is_dir():
-        raise _missing(f"local-dir:{path}: directory not found", checkpoint_hint=True)
-    if not (d / HF_CONFIG_FILE).is_file():
-        raise _missing(
-            f"local-dir:{path}: {HF_CONFIG_FILE} is missing (save one with open_clip's push_to_hf_hub)"
-        )
-    if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in d.iterdir()):
-        raise _missing(f"local-dir:{path}: no checkpoint (*.safetensors, *.bin, *.pth) in the directory")
-    return _Source(LOCAL_DIR_PREFIX + str(d), None, {})
-
-
-def _resolve(model_name: str, pretrained: str | None, cache_dir: str | None) -> _Source:
-    source = model_name if _schema(model_name) else pretrained if _schema(pretrained) else None
-    if source is not None:
-        if source is model_name and pretrained:
-            log.warning("ignoring pretrained=%r: model %r names its own weights", pretrained, model_name)
-        if _schema(source) == "hf-hub":
-            repo_id = source[len(HF_HUB_PREFIX) :].strip("/")
-            if not repo_id:
-                raise ValueError("empty repo id after 'hf-hub:'")
-            return _resolve_hf_hub(repo_id, cache_dir)
-        return _resolve_local_dir(source[len(LOCAL_DIR_PREFIX) :])
-
-    name = check_model_name(model_name)
-    if pretrained in (None, "", "none", "None"):
-        return _Source(name, None, {})
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
-    if get_pretrained_cfg(name, pretrained):
-        return _resolve_tag(name, pretrained, cache_dir)
-    if os.path.isfile(pretrained):
-        return _Source(name, pretrained, {})
-    looks_like_path = (
-        os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or pretrained.startswith("~")
-    )
-    if looks_like_path:
-        raise _missing(f"checkpoint file {pretrained!r} for {name} does not exist", checkpoint_hint=True)
-    tags = list_pretrained_tags_by_model(name)
-    close = difflib.get_close_matches(pretrained, tags, n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ModelNameError(
-        f"pretrained={pretrained!r} is neither a known tag of {name} nor an existing file.{hint} "
-        f"Tags of {name}: {', '.join(tags) if tags else '(none)'}"
-    )
-
-
 def load_vlm(
     model_name: str,
     pretrained: str | None = None,
@@ -567,24 +344,24 @@ def load_vlm(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = resolve_device(device)
-    register_uqvlm_configs()
+    register_model_configs()
     pretrained = None if pretrained is None else str(pretrained)
     cache_dir = open_clip_kwargs.get("cache_dir")
-    src = _resolve(model_name, pretrained, cache_dir)
+    src = resolve_weights(model_name, pretrained, cache_dir)
 
     kwargs = dict(open_clip_kwargs)
     for key, value in src.force_preprocess.items():  # the caller's image_mean etc. take precedence
         if kwargs.get(f"image_{key}") is None:
             kwargs[f"image_{key}"] = value
     if src.offline and "cache_dir" not in kwargs:
-        kwargs["cache_dir"] = hub.hub_cache_dir()  # where _resolve found the files
+        kwargs["cache_dir"] = hub.hub_cache_dir()  # where resolve_weights found the files
     try:
         with hub.offline_mode(src.offline):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 src.oc_name, pretrained=src.checkpoint, device=device, precision="fp32", **kwargs
             )
     except (FileNotFoundError, OSError) as e:
-        raise _missing(f"could not load weights for {model_name} ({pretrained}): {e}") from e
+        raise weights_unavailable(f"could not load weights for {model_name} ({pretrained}): {e}") from e
 
     tok_kwargs: dict[str, Any] = {"cache_dir": kwargs["cache_dir"]} if kwargs.get("cache_dir") else {}
     if getattr(model, "context_length", None):  # follows force_context_length too

@@ -1,0 +1,104 @@
+"""Helpers shared by the dataset sources: image decoding, seeded subsets, bad-image handling, text files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from uqvlm.errors import DatasetFormatError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+ON_BAD_IMAGE = ("error", "skip")
+# Max consecutive undecodable pair items skipped over before giving up (a broken shard, not a bad image).
+MAX_REPLACEMENTS = 1000
+
+
+def _check_on_bad_image(value: str) -> str:
+    if value not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {value!r}")
+    return value
+
+
+def decode_image(data: Any) -> Image.Image:
+    """An RGB PIL image from bytes, a path, a PIL image or a datasets ``{"bytes", "path"}`` dict.
+
+    The pixels are fully decoded here (``load``), so truncated files fail now, not in a worker later.
+    """
+    if isinstance(data, Mapping):
+        data = data.get("bytes") or data.get("path")
+    if isinstance(data, Image.Image):
+        img = data
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(data)))
+    elif isinstance(data, (str, os.PathLike)):
+        img = Image.open(data)
+    else:
+        raise TypeError(f"cannot decode an image from {type(data).__name__}")
+    img.load()
+    return img.convert("RGB")
+
+
+def _subsample(count: int, n: int | None, seed: int) -> np.ndarray:
+    """Positions ``0..count-1``, or a seeded random subset of ``n`` of them, in ascending order."""
+    if n is None or n >= count:
+        return np.arange(count)
+    if n < 0:
+        raise ValueError(f"n must be positive, got {n}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(count)[:n])
+
+
+def _select(
+    count: int, n: int | None, seed: int, is_good: Callable[[int], bool] | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """Positions to keep (ascending) and those skipped as undecodable.
+
+    Without ``is_good`` this is :func:`_subsample`. With it, items are visited in the same seeded order
+    and undecodable ones are replaced by the next in that order, so a dataset without bad images gives
+    the same subset under ``skip`` and ``error``.
+    """
+    if is_good is None:
+        return _subsample(count, n, seed), []
+    order = np.arange(count) if n is None or n >= count else np.random.default_rng(seed).permutation(count)
+    kept, skipped = [], []
+    for i in order:
+        if n is not None and len(kept) >= n:
+            break
+        (kept if is_good(int(i)) else skipped).append(int(i))
+    return np.sort(np.asarray(kept, dtype=np.int64)), skipped
+
+
+def _read_lines(path: str | Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _clean_name(name: str) -> str:
+    return name.replace("_", " ").strip()
+
+
+def _with_replacement(ds: Any, index: int) -> tuple[Image.Image, str]:
+    """``ds._item(index)``; with on_bad_image=skip an undecodable item yields the next decodable one."""
+    for step in range(MAX_REPLACEMENTS):
+        j = (index + step) % len(ds)
+        try:
+            return ds._item(j)
+        except (OSError, SyntaxError, ValueError, TypeError) as e:  # PIL's decode errors
+            if ds.on_bad_image == "error":
+                raise DatasetFormatError(
+                    f"{ds.name}: item {j} cannot be decoded ({e}); set on_bad_image=skip to replace such items"
+                ) from e
+            ds.skipped += 1
+            log.warning("%s: item %d cannot be decoded (%s); using item %d", ds.name, j, e, (j + 1) % len(ds))
+    raise DatasetFormatError(f"{ds.name}: {MAX_REPLACEMENTS} consecutive undecodable items from {index}")
