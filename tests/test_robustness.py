@@ -173,6 +173,7 @@ def test_posterior_cache_of_another_model_is_refused(fresh_cache, tmp_path):
         ("hessian_data=published", "hessian_data=published provides KFAC factors only"),
         # The default posterior has a diagonal row, whose evidence has the exact variant only.
         ("posterior.evidence_variant=reference", "posterior.evidence_variant=reference (the published"),
+        ("task.objective=val_acc", "task.objective must be null or val_nll"),
         ("dataset.domain=watercolour", "unknown domain 'watercolour'"),
         ("dataset.n=0", "empty"),
     ],

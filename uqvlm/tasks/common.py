@@ -62,6 +62,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"posterior.evidence_variant must be one of {', '.join(EVIDENCE_VARIANTS)}, "
             f"got {post.evidence_variant!r}"
         )
+    objective = cfg.task.get("objective")
+    if objective not in (None, "val_nll"):
+        raise UqvlmError(f"task.objective must be null or val_nll, got {objective!r}")
     unknown = set(post.structures) - {"kfac", "diag"}
     if unknown:
         raise UqvlmError(f"posterior.structures may hold kfac and diag, got {sorted(unknown)}")
