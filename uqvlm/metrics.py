@@ -11,6 +11,17 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassCalibrationError
 
+__all__ = [
+    "METRIC_COLUMNS",
+    "AURC",
+    "BrierScore",
+    "MisclassificationAUROC",
+    "NegativeLogLikelihood",
+    "classification_metrics",
+    "evaluate_probs",
+    "risk_coverage",
+]
+
 METRIC_COLUMNS = ["acc", "nll", "ece", "ece15", "brier", "auroc", "aurc"]
 
 

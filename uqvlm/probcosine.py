@@ -14,7 +14,7 @@ from torch import Tensor
 
 from uqvlm.validation import check_tensor
 
-__all__ = ["probcosine", "probcosine_logits", "probit_probs", "mc_probs"]
+__all__ = ["probcosine", "probcosine_rank1", "probcosine_logits", "probit_probs", "mc_probs"]
 
 
 def _check_matrix(name: str, x: Tensor, ndim: int = 2) -> None:
