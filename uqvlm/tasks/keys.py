@@ -10,7 +10,8 @@ too (tests/test_configs.py checks every shipped option).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,25 +24,24 @@ MODEL_KEYS = frozenset({"name", "pretrained", "precision", "batch_size", "pretra
 POSTERIOR_KEYS = frozenset(
     {"structures", "n", "prior_precision", "evidence_variant", "predictive", "mc_samples"}
 )
+# (dotted path, the section, the keys it may hold: None for any)
+Section = tuple[str, DictConfig, frozenset[str] | None]
 # Hydra's instantiate keys, allowed in every ``_target_`` spec.
 INSTANTIATE_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
 
 
-class _Sections:
-    """A mapping of free names (task.methods, task.data.domains) whose values share one schema."""
+class Schema(Enum):
+    """Sections whose keys are not listed here."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    DATASET = "a dataset section: its kind's constructor arguments plus the tasks' keys"
+    METHODS = "method name -> a _target_ spec: its constructor's arguments"
+    DOMAINS = "domain name -> a dataset section merged over task.data.common"
 
-
-METHODS = _Sections("method")  # name -> a _target_ spec
-DOMAINS = _Sections("dataset")  # domain -> dataset settings merged over task.data.common
-DATASET = object()  # a dataset section (task.data.common)
 
 _SPLITS = {"train": None, "val": None, "test": None}
 # A nested dict is a section with its own keys; None is a value of any type.
 TASK_KEYS: dict[str, dict[str, Any]] = {
-    "zeroshot": {"name": None, "ece_bins": None, "methods": METHODS, "plots": None, "objective": None},
+    "zeroshot": {"name": None, "ece_bins": None, "methods": Schema.METHODS, "plots": None, "objective": None},
     "hessian": {"name": None},
     "active_learning": {
         "name": None,
@@ -49,10 +49,10 @@ TASK_KEYS: dict[str, dict[str, Any]] = {
             "name": None,
             "root": None,
             "target": None,
-            "domains": DOMAINS,
+            "common": Schema.DATASET,  # before the domains, which inherit its kind
+            "domains": Schema.DOMAINS,
             "pool": None,
             "include_target_in_pool": None,
-            "common": DATASET,
             "splits": {"by": None, "seed": None, "fractions": _SPLITS},
             "sizes": _SPLITS,
         },
@@ -91,47 +91,50 @@ def _target_keys(path: str, spec: DictConfig) -> frozenset[str] | None:
     return None if params is None else params | INSTANTIATE_KEYS
 
 
-def _walk(
-    path: str, node: DictConfig, spec: dict[str, Any]
-) -> Iterator[tuple[str, DictConfig, frozenset | None]]:
+def _kind_keys(
+    path: str, kind: Any, keys_of: Callable[[Any], frozenset[str] | None]
+) -> frozenset[str] | None:
+    try:
+        return keys_of(kind)
+    except ValueError as err:
+        raise UqvlmError(f"{path}.kind: {err}") from None
+
+
+def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section]:
     yield path, node, frozenset(spec)
     for key, sub in spec.items():
         child = _child(node, key)
         if child is None or sub is None:
             continue
+        here = f"{path}.{key}"
         if isinstance(sub, dict):
-            yield from _walk(f"{path}.{key}", child, sub)
-        elif sub is DATASET:
-            yield f"{path}.{key}", child, zeroshot_dataset_keys(child.get("kind"))
-        elif sub is METHODS:
-            yield f"{path}.{key}", child, None
+            yield from _walk(here, child, sub)
+        elif sub is Schema.DATASET:
+            yield here, child, _kind_keys(here, child.get("kind"), zeroshot_dataset_keys)
+        elif sub is Schema.METHODS:
+            yield here, child, None
             for name in child:
-                entry = _child(child, name)
-                if entry is not None:
-                    yield f"{path}.{key}.{name}", entry, _target_keys(f"{path}.{key}.{name}", entry)
-        elif sub is DOMAINS:
-            yield f"{path}.{key}", child, None
+                if (entry := _child(child, name)) is not None:
+                    yield f"{here}.{name}", entry, _target_keys(f"{here}.{name}", entry)
+        elif sub is Schema.DOMAINS:
+            yield here, child, None
             common = _child(node, "common")
             default_kind = common.get("kind") if common is not None else None
             for name in child:
-                entry = _child(child, name)
-                if entry is not None:
+                if (entry := _child(child, name)) is not None:
                     kind = entry.get("kind", default_kind)
-                    yield f"{path}.{key}.{name}", entry, zeroshot_dataset_keys(kind)
+                    yield f"{here}.{name}", entry, _kind_keys(f"{here}.{name}", kind, zeroshot_dataset_keys)
 
 
-def config_sections(cfg: DictConfig) -> Iterator[tuple[str, DictConfig, frozenset[str] | None]]:
+def config_sections(cfg: DictConfig) -> Iterator[Section]:
     """(path, section, the keys it may hold or None for any) of every checked section of ``cfg``."""
-
-    def kind_keys(section: str, keys_of) -> frozenset[str] | None:
-        try:
-            return keys_of(cfg[section].get("kind"))
-        except ValueError as err:
-            raise UqvlmError(f"{section}.kind: {err}") from None
-
     yield "model", cfg.model, MODEL_KEYS
-    yield "dataset", cfg.dataset, kind_keys("dataset", zeroshot_dataset_keys)
-    yield "hessian_data", cfg.hessian_data, kind_keys("hessian_data", pair_dataset_keys)
+    yield "dataset", cfg.dataset, _kind_keys("dataset", cfg.dataset.get("kind"), zeroshot_dataset_keys)
+    yield (
+        "hessian_data",
+        cfg.hessian_data,
+        _kind_keys("hessian_data", cfg.hessian_data.get("kind"), pair_dataset_keys),
+    )
     yield "posterior", cfg.posterior, POSTERIOR_KEYS
     spec = TASK_KEYS.get(cfg.task.get("name"))
     if spec is not None:  # an unknown task is reported by the CLI
