@@ -107,15 +107,21 @@ AL_DATA = sorted(p.stem for p in (REPO / "configs" / "task" / "data").glob("*.ya
 @pytest.mark.parametrize(
     "overrides",
     [[f"{g}={o}"] for g in GROUPS for o in options(g)]
-    + [["task=active_learning", f"task/data={o}"] for o in AL_DATA],
+    + [["task=active_learning", f"task/data={o}"] for o in AL_DATA]
+    + [[f"experiment={o}"] for o in options("experiment")],
     ids=lambda o: " ".join(o),
 )
 def test_every_shipped_option_holds_only_declared_keys(overrides):
     """Every key of every shipped option is one the code reads (a constructor argument or a declared
-    task key): a key added to a YAML without a reader is refused here (ucf101.yaml once carried three)."""
+    task key): a key added to a YAML without a reader is refused here (ucf101.yaml once carried three).
+    The experiments pass the whole validation (paper_zeroshot: the reference evidence with KFAC only)."""
+    from uqvlm.tasks.common import validate_config
     from uqvlm.tasks.keys import check_config_keys
 
-    check_config_keys(compose_with(*overrides))
+    cfg = compose_with(*overrides)
+    check_config_keys(cfg)
+    if overrides[0].startswith("experiment="):
+        validate_config(cfg)
 
 
 # (override, the line it must end in): a typo in each group, with its closest known key.
