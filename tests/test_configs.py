@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ["model", "dataset", "posterior", "task", "paths", "hessian_data"]
@@ -124,3 +125,97 @@ def test_to_plain_resolves_containers_and_leaves_plain_values():
     assert type(to_plain(cfg.c)) is list and type(to_plain(cfg.d)) is dict
     plain = {"x": [1, 2]}
     assert to_plain(plain) is plain and to_plain(None) is None and to_plain("paper") == "paper"
+
+
+AL_DATA = sorted(p.stem for p in (REPO / "configs" / "task" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"{g}={o}"] for g in GROUPS for o in options(g)]
+    + [["task=active_learning", f"task/data={o}"] for o in AL_DATA]
+    + [[f"experiment={o}"] for o in options("experiment")],
+    ids=lambda o: " ".join(o),
+)
+def test_every_shipped_option_holds_only_declared_keys(overrides):
+    """Every key of every shipped option is one the code reads (a constructor argument or a declared
+    task key): a key added to a YAML without a reader is refused here (ucf101.yaml once carried three).
+    The experiments pass the whole validation (paper_zeroshot: the reference evidence with KFAC only)."""
+    from uqvlm.tasks.common import validate_config
+    from uqvlm.tasks.keys import check_config_keys
+
+    cfg = compose_with(*overrides)
+    check_config_keys(cfg)
+    if overrides[0].startswith("experiment="):
+        validate_config(cfg)
+
+
+# (override, the line it must end in): a typo in each group, with its closest known key.
+TYPOS = [
+    ("+dataset.domian=photo", "unknown key dataset.domian; did you mean dataset.domain?"),
+    (
+        "+hessian_data.clas_batch=100",
+        "unknown key hessian_data.clas_batch; did you mean hessian_data.class_batch?",
+    ),
+    (
+        "+posterior.prior_precison=10",
+        "unknown key posterior.prior_precison; did you mean posterior.prior_precision?",
+    ),
+    ("+task.ece_bin=15", "unknown key task.ece_bin; did you mean task.ece_bins?"),
+    ("+task.methods.tta.veiws=2", "unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?"),
+    ("+model.precison=fp16", "unknown key model.precison; did you mean model.precision"),
+    ("+dataset.qqqqqq=1", "unknown key dataset.qqqqqq; dataset takes domain, image_size, kind, n, name"),
+]
+AL_TYPOS = [
+    ("+task.epig.lazzy=false", "unknown key task.epig.lazzy; did you mean task.epig.lazy?"),
+    ("+task.finetune.epoch=3", "unknown key task.finetune.epoch; did you mean task.finetune.epochs?"),
+    (
+        "+task.data.common.imag_size=16",
+        "unknown key task.data.common.imag_size; did you mean task.data.common.image_size?",
+    ),
+    (
+        "+task.data.domains.photo.domian=blur",
+        "unknown key task.data.domains.photo.domian; did you mean task.data.domains.photo.domain?",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [([o], m) for o, m in TYPOS]
+    + [(["task=active_learning", o], m) for o, m in AL_TYPOS]
+    + [
+        (
+            ["hessian_data=published", "posterior=kfac", "+hessian_data.dri=x"],
+            "did you mean hessian_data.dir?",
+        )
+    ],
+)
+def test_unknown_keys_stop_before_compute_with_a_suggestion(tmp_path, overrides, message, capsys):
+    from uqvlm import cli
+
+    paths = [f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results"]
+    cfg = compose_with(*paths, *overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.task_main(cfg)
+    assert exit_info.value.code == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "cache").exists(), "nothing may be computed before the check"
+
+
+def test_registry_refuses_keys_its_constructor_does_not_take():
+    from uqvlm.data.registry import build_pair_dataset, build_zeroshot_dataset
+    from uqvlm.errors import UqvlmError
+
+    photo = OmegaConf.load(REPO / "configs" / "dataset" / "shapes-photo.yaml")
+    photo.n = 4
+    assert len(build_zeroshot_dataset(photo)) == 4  # name, kind and val_split are the tasks' keys
+    photo.domian = "sketch"
+    with pytest.raises(UqvlmError, match=r"unknown key dataset\.domian; did you mean dataset\.domain\?"):
+        build_zeroshot_dataset(photo)
+    pairs = OmegaConf.load(REPO / "configs" / "hessian_data" / "shapes.yaml")
+    pairs.n = 4
+    assert len(build_pair_dataset(pairs)) == 4
+    pairs.sed = 1
+    with pytest.raises(UqvlmError, match=r"hessian_data\.sed; did you mean hessian_data\.seed\?"):
+        build_pair_dataset(pairs)

@@ -81,8 +81,15 @@ def test_zeroshot_table_record_and_plots(first_run):
         "bayesvlm-kfac-mc",
     ]
     assert (table["n"] == 300).all()
-    assert table.loc[table.method == "temperature", "uses_labels"].item()
-    assert not table.loc[table.method == "map", "uses_labels"].item()
+    # Temperature is fitted on validation labels; MAP, TTA and BayesVLM with the evidence's lambda are not.
+    assert table.set_index("method")["uses_labels"].to_dict() == {
+        "map": False,
+        "temperature": True,
+        "tta": False,
+        "bayesvlm-diag": False,
+        "bayesvlm-kfac": False,
+        "bayesvlm-kfac-mc": False,
+    }
     for col in ("acc", "ece", "ece15", "auroc", "aurc"):
         assert table[col].between(0, 1).all(), col
     assert (table["nll"] > 0).all() and table["brier"].between(0, 2).all()
@@ -95,6 +102,7 @@ def test_zeroshot_table_record_and_plots(first_run):
     record = json.loads((directory / "uqvlm-tiny.json").read_text())
     assert record["config"]["dataset"]["name"] == "shapes-sketch"
     assert set(record["provenance"]["posteriors"]) == {"kfac", "diag"}
+    assert set(record["provenance"]["label_use"]) == {"temperature"}
     assert len(list((directory / "runs").glob("uqvlm-tiny-*.json"))) == 1
     for suffix in ("reliability", "risk_coverage", "uncertain"):
         png = directory / f"uqvlm-tiny_{suffix}.png"
@@ -151,6 +159,42 @@ def test_multirun_sweep_skips_finished_configs_and_reports(first_run, test_cache
     assert len({math.copysign(1.0, v - map_nll) for v in nll}) == 1, (nll, map_nll)
     for metric in ("acc", "nll", "ece"):
         assert (results / "tables" / f"zeroshot_{metric}.tex").exists()
+
+
+@pytest.mark.slow
+def test_prior_search_rows_say_they_used_validation_labels(first_run, test_cache, tmp_path):
+    """experiment=prior_search (Optuna on the validation NLL) selects lambda with labels of the evaluated
+    dataset: its BayesVLM rows say so, and the report shows the trial the search chose."""
+    results = tmp_path / "results"
+    run_cli(
+        *KFAC_SWEEP,
+        "experiment=prior_search",
+        "hydra.sweeper.n_trials=2",
+        cache=test_cache,
+        results=results,
+        logs=tmp_path / "logs",
+    )
+    records = [
+        json.loads(p.read_text()) for p in (results / "zeroshot" / "shapes-sketch" / "runs").glob("*.json")
+    ]
+    assert len(records) == 2
+    for record in records:
+        assert {r["method"]: r["uses_labels"] for r in record["rows"]} == {
+            "map": False,
+            "bayesvlm-kfac": True,
+        }
+        assert "task.objective=val_nll" in record["provenance"]["label_use"]["bayesvlm-kfac"]
+    best = min(records, key=lambda r: r["provenance"]["objective"])
+    best_nll = next(r["nll"] for r in best["rows"] if r["method"] == "bayesvlm-kfac")
+    subprocess.run(
+        [sys.executable, "-m", "uqvlm.cli", "report", "--results", str(results)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    nll = pd.read_csv(results / "tables" / "zeroshot_nll.csv").set_index("method")["shapes-sketch"]
+    assert list(nll.index) == ["map", "bayesvlm-kfac (val labels)"]
+    assert nll["bayesvlm-kfac (val labels)"] == pytest.approx(best_nll, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -171,6 +171,9 @@ def test_posterior_cache_of_another_model_is_refused(fresh_cache, tmp_path):
         ("model.name=ViT-B-33", "unknown open_clip model 'ViT-B-33'"),
         ("model.name=ViT-B-32", "model.pretrained=shapes is uqvlm's own checkpoint"),
         ("hessian_data=published", "hessian_data=published provides KFAC factors only"),
+        # The default posterior has a diagonal row, whose evidence has the exact variant only.
+        ("posterior.evidence_variant=reference", "posterior.evidence_variant=reference (the published"),
+        ("task.objective=val_acc", "task.objective must be null or val_nll"),
         ("dataset.domain=watercolour", "unknown domain 'watercolour'"),
         ("dataset.n=0", "empty"),
     ],
@@ -191,6 +194,7 @@ def test_bad_settings_fail_fast_with_a_clear_message(tmp_path, override, message
     assert exit_info.value.code == 2
     assert message in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "cache" / "models").exists(), "nothing may be computed before the check"
+    assert not (tmp_path / "cache" / "posteriors").exists()
     assert time.perf_counter() - start < 30
 
 

@@ -74,9 +74,15 @@ def should_skip_existing(cfg: DictConfig) -> bool:
     return bool(setting)
 
 
+# The user's HYDRA_FULL_ERROR while `uqvlm run` takes over Hydra's reporting of composition errors.
+_user_full_error: str | None = None
+
+
 def task_main(cfg: DictConfig) -> float | None:
     """Hydra's task function (module-level and undecorated, so launchers such as submitit can pickle it
     by reference)."""
+    if _user_full_error is not None:  # composition is over: Hydra reports the job's own errors again
+        os.environ["HYDRA_FULL_ERROR"] = _user_full_error
     try:
         return run_task(cfg)
     except (UqvlmError, ValueError) as err:
@@ -100,6 +106,63 @@ _hydra_main = hydra.main(config_path="pkg://uqvlm.configs", config_name="config"
 )
 
 
+def override_error_message(err: Exception) -> str | None:
+    """One line for an override of a key the composed config lacks (Hydra: "Key 'domian' is not in
+    struct"): the closest known key, or the ``+key=value`` form for a known key this config leaves out."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from uqvlm.tasks.keys import allowed_keys
+    from uqvlm.validation import unknown_key_message
+
+    cause = err.__cause__
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or "not in struct" not in str(cause):
+        return None
+    parent = cause.parent_node
+    if not cause.full_key or parent is None:
+        return None
+    section, _, key = str(cause.full_key).rpartition(".")
+    try:
+        allowed = allowed_keys(parent._get_root(), section)
+    except Exception:  # noqa: BLE001 - another problem of this config, named by validate_config later
+        allowed = None
+    if allowed is None:
+        allowed = set(parent.keys())
+    if key in allowed:
+        # Hydra's message ends with the override as it should read: "... use +dataset.val_split=val".
+        added = str(err).rsplit(" use ", 1)[-1] if " use +" in str(err) else f"+{cause.full_key}=..."
+        return f"{cause.full_key} is not set in this config: add it with a leading +, as {added}"
+    return unknown_key_message(section, [key], allowed)
+
+
+def run(overrides: list[str]) -> None:
+    """``uqvlm run``: Hydra composes the config and calls ``task_main``. Hydra's composition errors
+    come back here, so an override of an unknown key ends in one uqvlm line with the closest known key,
+    like the keys ``validate_config`` refuses; the other errors read as Hydra writes them."""
+    global _user_full_error
+    from hydra.errors import CompactHydraException, ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sys.argv = [f"{os.path.basename(sys.argv[0])} run", *overrides]
+    _user_full_error = os.environ.get("HYDRA_FULL_ERROR", "0")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; task_main restores it
+    try:
+        _hydra_main()
+    except CompactHydraException as err:
+        if _user_full_error == "1" or os.environ.get("UQVLM_DEBUG"):
+            raise
+        message = override_error_message(err) if isinstance(err, ConfigCompositionException) else None
+        if message is not None:
+            console.print(f"[bold red]error:[/] {message}")
+            raise SystemExit(2) from None
+        print(err, file=sys.stderr)
+        if isinstance(err.__cause__, OmegaConfBaseException):
+            print(err.__cause__, file=sys.stderr)
+        print(
+            "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr
+        )
+        raise SystemExit(1) from None
+
+
 def report(argv: list[str]) -> None:
     import argparse
 
@@ -119,9 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "run":
-        os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-        sys.argv = [f"{os.path.basename(sys.argv[0])} run", *rest]
-        _hydra_main()
+        run(rest)
         return
     if command == "report":
         report(rest)

@@ -21,6 +21,22 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+__all__ = [
+    "METRIC_COLUMNS",
+    "AURC",
+    "Accuracy",
+    "BrierScore",
+    "CalibrationError",
+    "MisclassificationAUROC",
+    "NegativeLogLikelihood",
+    "calibration_bins",
+    "classification_metrics",
+    "evaluate_log_probs",
+    "negative_log_likelihood",
+    "rank_auroc",
+    "risk_coverage",
+]
+
 METRIC_COLUMNS = ["acc", "nll", "ece", "ece15", "brier", "auroc", "aurc"]
 
 

@@ -17,6 +17,7 @@ from uqvlm.validation import check_tensor
 
 __all__ = [
     "probcosine",
+    "probcosine_rank1",
     "probcosine_logits",
     "probit_probs",
     "probit_log_probs",

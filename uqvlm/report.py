@@ -2,7 +2,9 @@
 
 Zero-shot: one table per metric with rows (model, method) and one column per dataset, written as CSV,
 Markdown and LaTeX, plus the long table of every run (sweeps included: one row per config hash and
-method, with the swept posterior settings as columns).
+method, with the swept posterior settings as columns). A row that used labels of the evaluated dataset
+(a method fitted on its validation split, or settings a sweep chose by a validation objective) is
+named ``<method> (val labels)`` in the per-metric tables, so it never reads as a label-free result.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from uqvlm.cache import atomic_write
 from uqvlm.console import console
 from uqvlm.metrics import METRIC_COLUMNS
 
-# What a sweep usually varies; shown as columns of the long table.
+LABELS_MARK = " (val labels)"
+
+# What a sweep usually varies; shown as columns of the long table (``posterior_n``: the rows' own ``n``
+# is the number of evaluated images).
 SETTING_KEYS = {
-    "n": ("posterior", "n"),
+    "posterior_n": ("posterior", "n"),
     "prior_precision": ("posterior", "prior_precision"),
     "evidence_variant": ("posterior", "evidence_variant"),
     "hessian_data": ("hessian_data", "name"),
@@ -42,6 +47,8 @@ def collect_zeroshot(results_dir: str | Path) -> pd.DataFrame:
         record = json.loads(path.read_text())
         config = record["config"]
         settings = {name: _get(config, keys) for name, keys in SETTING_KEYS.items()}
+        provenance = record.get("provenance") or {}
+        label_use = provenance.get("label_use") or {}
         for row in record["rows"]:
             rows.append(
                 {
@@ -49,24 +56,53 @@ def collect_zeroshot(results_dir: str | Path) -> pd.DataFrame:
                     "model": config["model"]["name"],
                     **row,
                     **settings,
+                    "label_use": label_use.get(row["method"]),
+                    "objective": provenance.get("objective"),
                     "config_hash": record["config_hash"],
                 }
             )
     return pd.DataFrame(rows)
 
 
+def table_method(method: str, uses_labels: bool) -> str:
+    """The method's name in the per-metric tables: marked when it used labels of the evaluated dataset."""
+    return f"{method}{LABELS_MARK}" if uses_labels else method
+
+
+def chosen_rows(long: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model, method, label use): the latest run's; among label-using rows that
+    a sweep scored by its validation objective, the lowest objective's (the sweep's choice)."""
+    uses_labels = long["uses_labels"].fillna(False).astype(bool)
+    objective = pd.to_numeric(long["objective"], errors="coerce")
+    ranked = long.assign(
+        uses_labels=uses_labels,
+        _scored=uses_labels & objective.notna(),
+        _objective=objective,
+        _order=range(len(long)),
+    )
+    # Kept last: the scored row with the lowest objective, else the most recent row.
+    ranked = ranked.sort_values(["_scored", "_objective", "_order"], ascending=[True, False, True])
+    chosen = ranked.drop_duplicates(["dataset", "model", "method", "uses_labels"], keep="last")
+    return chosen.sort_values("_order").drop(columns=["_scored", "_objective", "_order"])
+
+
 def zeroshot_tables(long: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per metric: rows (model, method), columns datasets; the latest run wins where runs repeat."""
+    """Per metric: rows (model, method), columns datasets; label-using rows carry ``(val labels)``."""
     if long.empty:
         return {}
-    latest = long.drop_duplicates(["dataset", "model", "method"], keep="last")
+    chosen = chosen_rows(long)
     order = list(dict.fromkeys(long["method"]))
+    chosen = chosen.assign(
+        _rank=[(order.index(m), u) for m, u in zip(chosen["method"], chosen["uses_labels"], strict=True)],
+        method=[table_method(m, u) for m, u in zip(chosen["method"], chosen["uses_labels"], strict=True)],
+    )
+    rank = dict(zip(zip(chosen["model"], chosen["method"], strict=True), chosen["_rank"], strict=True))
     tables = {}
     for metric in METRIC_COLUMNS:
-        table = latest.pivot_table(
+        table = chosen.pivot_table(
             index=["model", "method"], columns="dataset", values=metric, aggfunc="first"
         )
-        table = table.reindex(sorted(table.index, key=lambda mm: (mm[0], order.index(mm[1]))))
+        table = table.reindex(sorted(table.index, key=lambda mm: (mm[0], rank[mm])))
         table.columns.name = None
         tables[metric] = table.reset_index()
     return tables

@@ -1,11 +1,15 @@
-"""Input checks shared by the pure tensor functions: clear errors that name the argument."""
+"""Input checks shared across uqvlm: clear errors that name the argument or the config key."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from uqvlm.errors import UqvlmError
 
 
 def check_tensor(name: str, x: Any, ndim: int) -> Tensor:
@@ -19,3 +23,30 @@ def check_tensor(name: str, x: Any, ndim: int) -> Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return x
+
+
+def unknown_key_message(section: str, keys: Iterable[str], allowed: Iterable[str]) -> str:
+    """``unknown key <section>.<key>; did you mean <section>.<closest>?`` for each of ``keys`` (the
+    keys the section takes when none is close)."""
+    allowed = sorted(allowed)
+    prefix = f"{section}." if section else ""
+    parts, unmatched = [], []
+    for key in keys:
+        close = difflib.get_close_matches(key, allowed, n=2)
+        if close:
+            parts.append(f"unknown key {prefix}{key}; did you mean {' or '.join(prefix + c for c in close)}?")
+        else:
+            unmatched.append(prefix + key)
+    if unmatched:
+        takes = ", ".join(allowed) or "no keys"
+        plural = "s" if len(unmatched) > 1 else ""
+        parts.append(f"unknown key{plural} {', '.join(unmatched)}; {section or 'the config'} takes {takes}")
+    return "; ".join(parts)
+
+
+def check_keys(section: str, keys: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse config keys that nothing reads (typos), each named with its closest allowed key."""
+    allowed = set(allowed)
+    unknown = [str(k) for k in keys if k not in allowed]
+    if unknown:
+        raise UqvlmError(unknown_key_message(section, unknown, allowed))

@@ -31,8 +31,11 @@ def prepare_dirs(cfg: DictConfig) -> RunDirs:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad or incompatible settings before any compute, naming the config key."""
+    from uqvlm.laplace.evidence import EVIDENCE_VARIANTS
     from uqvlm.models import check_model_name
+    from uqvlm.tasks.keys import check_config_keys
 
+    check_config_keys(cfg)
     name = cfg.model.name
     if not str(name).startswith(("hf-hub:", "local-dir:")):
         check_model_name(name)
@@ -54,10 +57,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise UqvlmError(f"posterior.prior_precision must be a positive finite number, got {lam!r}")
     if post.predictive not in ("probit", "mc"):
         raise UqvlmError(f"posterior.predictive must be 'probit' or 'mc', got {post.predictive!r}")
-    if post.evidence_variant not in ("exact", "reference"):
+    if post.evidence_variant not in EVIDENCE_VARIANTS:
         raise UqvlmError(
-            f"posterior.evidence_variant must be 'exact' or 'reference', got {post.evidence_variant!r}"
+            f"posterior.evidence_variant must be one of {', '.join(EVIDENCE_VARIANTS)}, "
+            f"got {post.evidence_variant!r}"
         )
+    objective = cfg.task.get("objective")
+    if objective not in (None, "val_nll"):
+        raise UqvlmError(f"task.objective must be null or val_nll, got {objective!r}")
     unknown = set(post.structures) - {"kfac", "diag"}
     if unknown:
         raise UqvlmError(f"posterior.structures may hold kfac and diag, got {sorted(unknown)}")
@@ -66,6 +73,27 @@ def validate_config(cfg: DictConfig) -> None:
             "hessian_data=published provides KFAC factors only: use posterior=kfac, or Hessian data "
             "(e.g. hessian_data=laion400m) for a diagonal posterior"
         )
+    if lam == "evidence" and post.evidence_variant != "exact" and "diag" in evidence_structures(cfg):
+        diag_from, kfac_only = (
+            ("task.structure=diag", "task.structure=kfac")
+            if cfg.task.name == "active_learning"
+            else ("posterior.structures includes diag", "posterior=kfac")
+        )
+        raise UqvlmError(
+            f"posterior.evidence_variant={post.evidence_variant} (the published code's evidence) exists for "
+            f"KFAC only, but {diag_from}, whose evidence is exact only: use {kfac_only} with it, or "
+            "posterior.evidence_variant=exact"
+        )
+
+
+def evidence_structures(cfg: DictConfig) -> set[str]:
+    """The posterior structures whose prior precision the task sets (by the evidence, by default)."""
+    task = cfg.task.get("name")
+    if task == "active_learning":
+        return {str(cfg.task.structure)}
+    if task == "zeroshot":
+        return {str(s) for s in cfg.posterior.structures}
+    return set()  # task=hessian builds the posteriors only
 
 
 def resolve_pretrained(model_cfg: DictConfig, cache_dir: Path) -> str | None:

@@ -81,6 +81,23 @@ def validation_nll(ctx: ZeroShotContext, methods: dict[str, Method]) -> float:
     return float(negative_log_likelihood(log_probs, val_labels))
 
 
+def label_use(cfg: DictConfig, method: Method) -> str | None:
+    """Why a method's row depends on labels of the evaluated dataset (after it predicted), else None.
+
+    Beside methods fitted on the validation split, a BayesVLM row whose settings a sweep selected by
+    ``task.objective`` (e.g. experiment=prior_search: Optuna over lambda by the validation NLL) is one.
+    """
+    reasons = []
+    if method.uses_labels:
+        reasons.append("fitted on the labelled validation split")
+    objective = cfg.task.get("objective")
+    if objective and isinstance(method, BayesVLM):
+        reasons.append(
+            f"posterior settings chosen by a sweep minimising task.objective={objective} on the validation split"
+        )
+    return "; ".join(reasons) or None
+
+
 def run(cfg: DictConfig) -> pd.DataFrame:
     dirs = prepare_dirs(cfg)
     methods = selected_methods(cfg)
@@ -137,18 +154,22 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         posterior_provider=posteriors,
     )
     ece_bins = int(cfg.task.ece_bins)
-    rows, log_probs = [], {}
+    rows, log_probs, label_uses = [], {}, {}
     for name, method in methods.items():
         log_probs[name] = method.predict_log_probs(ctx)
+        reason = label_use(cfg, method)
+        if reason:
+            label_uses[name] = reason
         rows.append(
             {
                 "method": name,
                 **evaluate_log_probs(log_probs[name], labels, ece_bins),
-                "uses_labels": method.uses_labels,
+                "uses_labels": reason is not None,
             }
         )
     table = pd.DataFrame(rows, columns=["method", *METRIC_COLUMNS, "n", "uses_labels"])
     provenance["notes"] = ctx.notes
+    provenance["label_use"] = label_uses
     directory, stem = output_location(cfg)
     title = f"zero-shot {cfg.dataset.name} / {cfg.model.name}"
     if cfg.task.get("objective") == "val_nll":
@@ -158,5 +179,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         write_plots(log_probs, labels, dataset, directory, stem, title, ece_bins)
     # The record last: its presence means the run finished (a re-launched sweep skips it).
     write_results(table, directory, stem, title=title, cfg=cfg, provenance=provenance)
-    console.print("uses_labels: fitted on the labelled validation split of the evaluated dataset")
+    for name, reason in label_uses.items():
+        console.print(f"uses_labels ({cfg.dataset.name}) {name}: {reason}")
     return table
