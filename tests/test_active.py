@@ -28,7 +28,7 @@ from uqvlm.active.strategies import (
     greedy_epig,
     select,
 )
-from uqvlm.features import Features
+from uqvlm.features import Features, LastLayer
 from uqvlm.laplace import DiagPosterior, KFACPosterior, infonce_hessian, infonce_hessian_diagonals
 
 F64 = torch.float64
@@ -191,26 +191,71 @@ def test_epig_update_adds_the_outer_product_and_leaves_the_posterior_untouched()
     act, z = prob.pool.activations[3], prob.pool.embeddings[3]
     new = add_curvature(post, act, z, prob.text.embeddings, prob.logit_scale)
     a_aug = torch.cat([act, torch.ones(1, dtype=F64)])
-    root = math.sqrt(post.num_data)
-    assert torch.allclose(new.A, a_before + torch.outer(a_aug, a_aug) / root, atol=1e-12)
-    assert torch.allclose(
-        new.B, b_before + infonce_hessian(z[None], prob.text.embeddings, 3.0) / root, atol=1e-12
-    )
+    root, new_root = math.sqrt(post.num_data), math.sqrt(post.num_data + 1)
+    sum_a = new.A * new_root - a_before * root  # what the update added to the sum of a a^T
+    assert torch.allclose(sum_a, torch.outer(a_aug, a_aug), atol=1e-10)
+    h = infonce_hessian(z[None], prob.text.embeddings, 3.0)
+    assert torch.allclose(new.B * new_root - b_before * root, h, atol=1e-10)
     off = ~torch.eye(len(a_aug), dtype=torch.bool)
-    assert not torch.allclose(
-        (new.A - a_before)[off], torch.full_like(a_before[off], float(a_aug @ a_aug) / root)
-    )
+    assert not torch.allclose(sum_a[off], torch.full_like(sum_a[off], float(a_aug @ a_aug)))
     assert torch.equal(post.A, a_before) and torch.equal(post.B, b_before), "the original posterior changed"
+    assert new.num_data == post.num_data + 1
     assert (new.embedding_variance(act[None]) < post.embedding_variance(act[None])).all()
 
     diag = DiagPosterior.from_diagonal(
         torch.rand(6, 9, dtype=F64), 200, weight=post.last_layer.weight, bias=post.last_layer.bias
     )
     g_before = diag.ggn_diagonal.clone()
-    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2.0)
+    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2)
     hd = infonce_hessian_diagonals(z[None], prob.text.embeddings, 3.0)[0]
     assert torch.allclose(new_diag.ggn_diagonal, g_before + 2.0 * torch.outer(hd, a_aug.square()), atol=1e-12)
-    assert torch.equal(diag.ggn_diagonal, g_before)
+    assert torch.equal(diag.ggn_diagonal, g_before) and new_diag.num_data == 202
+    with pytest.raises(ValueError, match="positive integer"):
+        add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=1.5)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag"])
+@pytest.mark.parametrize("logit_bias", [None, -1.5], ids=["infonce", "siglip"])
+@pytest.mark.parametrize("scale", [1, 3])
+def test_epig_updates_equal_the_posterior_rebuilt_with_the_acquired_points(structure, logit_bias, scale):
+    """add_curvature steps against the independent truth: update() from scratch on the Hessian data plus
+    ``scale`` copies of every acquired point (scored against the class embeddings), N included."""
+    gen = torch.Generator().manual_seed(5)
+    d, p, n_data, log_scale = 5, 7, 40, 2.0
+    weight = torch.randn(d, p, generator=gen, dtype=F64) / math.sqrt(p)
+    bias = 0.1 * torch.randn(d, generator=gen, dtype=F64)
+    acts = torch.randn(n_data + 3, p, generator=gen, dtype=F64)
+    embs = acts @ weight.T + bias
+    targets = torch.randn(30, d, generator=gen, dtype=F64)
+    classes = torch.randn(4, d, generator=gen, dtype=F64)
+    likelihood = "infonce" if logit_bias is None else "siglip"
+    cls = KFACPosterior if structure == "kfac" else DiagPosterior
+
+    def rebuilt(acquired: int) -> KFACPosterior | DiagPosterior:
+        post = cls(LastLayer(weight, bias), n=10.0, prior_precision=0.5)
+        for start in range(0, n_data, 16):
+            rows = slice(start, min(n_data, start + 16))
+            post.update(acts[rows], embs[rows], targets, log_scale, logit_bias, likelihood)
+        for i in range(n_data, n_data + acquired):
+            post.update(
+                acts[i].repeat(scale, 1), embs[i].repeat(scale, 1), classes, log_scale, logit_bias, likelihood
+            )
+        return post.finalize()
+
+    post = rebuilt(0)
+    for step in range(1, 4):
+        i = n_data + step - 1
+        post = add_curvature(post, acts[i], embs[i], classes, log_scale, logit_bias, scale=scale)
+        truth = rebuilt(step)
+        assert post.num_data == truth.num_data == n_data + step * scale
+        if structure == "kfac":
+            torch.testing.assert_close(post.A, truth.A, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(post.B, truth.B, rtol=1e-12, atol=1e-13)
+        else:
+            torch.testing.assert_close(post.ggn_diagonal, truth.ggn_diagonal, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(
+            post.embedding_variance(acts), truth.embedding_variance(acts), rtol=1e-10, atol=0
+        )
 
 
 def test_selections_do_not_depend_on_strategy_order_and_posteriors_stay_put():
@@ -357,6 +402,21 @@ def test_every_active_learning_data_config_composes():
             cfg = compose("config", overrides=["task=active_learning", f"task/data={option}"])
             assert cfg.task.data.target in cfg.task.data.domains
             assert cfg.task.data.include_target_in_pool is False
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-2", "true"])
+def test_update_scale_must_be_a_positive_integer(value):
+    from hydra import compose, initialize_config_module
+
+    from uqvlm.errors import UqvlmError
+    from uqvlm.tasks.active_learning import acquisition_config
+
+    with initialize_config_module("uqvlm.configs", version_base="1.3"):
+        good = compose("config", overrides=["task=active_learning", "task.epig.update_scale=10"])
+        bad = compose("config", overrides=["task=active_learning", f"task.epig.update_scale={value}"])
+    assert acquisition_config(good.task).epig_update_scale == 10
+    with pytest.raises(UqvlmError, match="task.epig.update_scale must be a positive integer"):
+        acquisition_config(bad.task)
 
 
 # ------------------------------------------------------------------------------------------------- end to end

@@ -60,7 +60,7 @@ class AcquisitionConfig:
     epig_candidates: str = "targeted"
     epig_lazy: bool = True
     epig_batch: int = 16
-    epig_update_scale: float = 1.0
+    epig_update_scale: int = 1
     epig_dtype: torch.dtype = torch.float32
     max_elements: int = MAX_ELEMENTS
 
@@ -126,17 +126,27 @@ def add_curvature(
     logit_scale: float,
     logit_bias: float | None = None,
     *,
-    scale: float = 1.0,
+    scale: int = 1,
     num_data: int | None = None,
 ) -> LastLayerPosterior:
     """A NEW posterior with one more (label-free) data point's curvature; ``post`` is left untouched.
 
     The point's output GGN H is that of the softmax (sigmoid for SigLIP) over the K class text embeddings.
-    KFAC: A += scale * a a^T / sqrt(N), B += scale * H / sqrt(N) (the normalisation every Hessian-data point
-    has). Diagonal: GGN += scale * diag(H) (a * a)^T. ``a`` is augmented with a 1 when the layer has a bias.
+    The point counts as ``scale`` data points (``scale`` copies of it), so the posterior equals the one
+    ``update`` would build from the Hessian data plus those copies, N included:
+    KFAC: A = (sqrt(N) A + scale a a^T) / sqrt(N + scale), B likewise with H (the sums are recovered from
+    the 1/sqrt(N)-normalised factors, extended, and renormalised by the new count);
+    diagonal: GGN += scale * diag(H) (a * a)^T (a plain sum), N + scale recorded.
+    ``a`` is augmented with a 1 when the layer has a bias. ``num_data``: N for a KFAC posterior that does
+    not record it.
     """
     from uqvlm.laplace import hessians
 
+    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
+        raise ValueError(
+            f"scale (the data points an acquired point counts as) must be a positive integer, got {scale!r}"
+        )
+    scale = int(scale)
     a = activation.detach().double().reshape(-1)
     if post.has_bias:
         a = torch.cat([a, a.new_ones(1)])
@@ -150,11 +160,15 @@ def add_curvature(
             h = hessians.infonce_hessian(z, class_embeddings.double(), logit_scale)
         else:
             h = hessians.siglip_hessian(z, class_embeddings.double(), logit_scale, logit_bias)
-        root = math.sqrt(n_data)
+        # N grows by `scale`, not 1: A (x) B = (sum a a^T) (x) (sum H) / N is KFAC's expectation
+        # approximation over one multiset of data, and the point's `scale` copies belong to the sums and to
+        # N alike (update() on the copies gives the same factors).
+        root, new_root = math.sqrt(n_data), math.sqrt(n_data + scale)
+        a = a.to(post.A.device)
         return KFACPosterior.from_factors(
-            post.A + (scale / root) * torch.outer(a, a),
-            post.B + (scale / root) * h,
-            n_data,
+            (root * post.A + scale * torch.outer(a, a)) / new_root,
+            (root * post.B + scale * h.to(post.B.device)) / new_root,
+            n_data + scale,
             weight=ll.weight,
             bias=ll.bias,
             n=post.n,
@@ -165,9 +179,10 @@ def add_curvature(
             hd = hessians.infonce_hessian_diagonals(z, class_embeddings.double(), logit_scale)[0]
         else:
             hd = hessians.siglip_hessian_diagonals(z, class_embeddings.double(), logit_scale, logit_bias)[0]
+        ggn = post.ggn_diagonal
         return DiagPosterior.from_diagonal(
-            post.ggn_diagonal + scale * torch.outer(hd.clamp_min(0), a.square()),
-            post.num_data or None,
+            ggn + scale * torch.outer(hd.clamp_min(0).to(ggn.device), a.to(ggn.device).square()),
+            post.num_data + scale if post.num_data else None,
             weight=ll.weight,
             bias=ll.bias,
             n=post.n,
