@@ -30,6 +30,17 @@ def tiny_checkpoint(test_cache: Path) -> Path:
     return ensure_pretrained(test_cache)
 
 
+@pytest.fixture
+def one_thread():
+    # Two intra-op threads on the shared 2-core machine ran 10-30x slower than one, on small tensors.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_hessians() -> Path:
     path = SHARED / "reference-hessians" / "clip-vit-b-32-laion2b-s34b-b79k"

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from uqvlm.active import strategies
 from uqvlm.active.acquisition import (
+    EpigTargets,
     assign_nearest_unused,
     bald,
     entropy,
@@ -28,7 +30,7 @@ from uqvlm.active.strategies import (
     greedy_epig,
     select,
 )
-from uqvlm.features import Features
+from uqvlm.features import Features, LastLayer
 from uqvlm.laplace import DiagPosterior, KFACPosterior, infonce_hessian, infonce_hessian_diagonals
 
 F64 = torch.float64
@@ -84,6 +86,51 @@ def test_epig_small_dependence_is_accurate_and_zero_without_dependence():
     assert torch.allclose(epig(pool, target, dtype=torch.float32), e64, rtol=1e-2)
     frozen = pool[:, :1].expand(-1, 50, -1)  # the same prediction under every sample: no information
     assert epig(frozen, target).abs().max() < 1e-15
+
+
+def _dependent_probs(
+    gen: torch.Generator, n: int, m: int, s: int, k: int, k2: int, spread: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool [n, s, k] and target [m, s, k2] probabilities that depend on one shared latent per sample."""
+    latent = torch.randn(1, s, 3, generator=gen, dtype=F64)
+
+    def probs(rows: int, classes: int) -> torch.Tensor:
+        mix = torch.randn(rows, 3, classes, generator=gen, dtype=F64)
+        return (spread * latent @ mix + torch.randn(rows, 1, classes, generator=gen, dtype=F64)).softmax(-1)
+
+    return probs(n, k), probs(m, k2)
+
+
+@pytest.mark.parametrize("spread", [0.05, 0.3, 1.0, 4.0])
+def test_epig_upper_bound_holds_and_is_second_order_tight(spread):
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(4):
+        pool, target = _dependent_probs(gen, 4, 3, 6 + trial, 2 + trial, 3, spread)
+        ref = brute_epig(pool, target)
+        bound = epig_upper_bound(pool, target)
+        assert (bound >= ref).all()
+        # Never above mean chi^2 (enumerated from the joint table), itself an upper bound on EPIG.
+        joint = torch.einsum("nsy,msz->nmyz", pool, target) / pool.shape[1]
+        indep = torch.einsum("ny,mz->nmyz", pool.mean(1), target.mean(1))
+        chi2 = ((joint - indep).square() / indep).sum((2, 3)).mean(1)
+        assert (bound <= chi2 * (1 + 1e-12)).all()
+        if spread <= 0.05:
+            # Weak dependence: EPIG ~ chi^2 / 2, and so is the bound, where log(1 + chi^2) ~ chi^2 is twice EPIG.
+            assert (bound <= 1.05 * ref).all() and (bound < 0.6 * torch.log1p(chi2)).all()
+
+
+@pytest.mark.parametrize("spread", [1e-4, 1e-2, 1.0, 10.0])
+def test_epig_upper_bound_covers_float32_round_off(spread):
+    gen = torch.Generator().manual_seed(11)
+    for s, k, k2 in [(3, 2, 2), (20, 5, 3), (64, 10, 10)]:
+        pool, target = _dependent_probs(gen, 30, 40, s, k, k2, spread)
+        pool32, targets32 = pool.float(), EpigTargets(target.float(), torch.float32)
+        exact = epig(pool32, target.float())  # float64 EPIG of the float32 probabilities
+        assert (epig_upper_bound(pool32, targets32) >= exact).all()
+        assert (
+            epig(pool32, targets32, dtype=torch.float32)
+            <= epig_upper_bound(pool32, targets32, dtype=torch.float32)
+        ).all()
 
 
 def test_bald_against_hand_computation():
@@ -191,26 +238,71 @@ def test_epig_update_adds_the_outer_product_and_leaves_the_posterior_untouched()
     act, z = prob.pool.activations[3], prob.pool.embeddings[3]
     new = add_curvature(post, act, z, prob.text.embeddings, prob.logit_scale)
     a_aug = torch.cat([act, torch.ones(1, dtype=F64)])
-    root = math.sqrt(post.num_data)
-    assert torch.allclose(new.A, a_before + torch.outer(a_aug, a_aug) / root, atol=1e-12)
-    assert torch.allclose(
-        new.B, b_before + infonce_hessian(z[None], prob.text.embeddings, 3.0) / root, atol=1e-12
-    )
+    root, new_root = math.sqrt(post.num_data), math.sqrt(post.num_data + 1)
+    sum_a = new.A * new_root - a_before * root  # what the update added to the sum of a a^T
+    assert torch.allclose(sum_a, torch.outer(a_aug, a_aug), atol=1e-10)
+    h = infonce_hessian(z[None], prob.text.embeddings, 3.0)
+    assert torch.allclose(new.B * new_root - b_before * root, h, atol=1e-10)
     off = ~torch.eye(len(a_aug), dtype=torch.bool)
-    assert not torch.allclose(
-        (new.A - a_before)[off], torch.full_like(a_before[off], float(a_aug @ a_aug) / root)
-    )
+    assert not torch.allclose(sum_a[off], torch.full_like(sum_a[off], float(a_aug @ a_aug)))
     assert torch.equal(post.A, a_before) and torch.equal(post.B, b_before), "the original posterior changed"
+    assert new.num_data == post.num_data + 1
     assert (new.embedding_variance(act[None]) < post.embedding_variance(act[None])).all()
 
     diag = DiagPosterior.from_diagonal(
         torch.rand(6, 9, dtype=F64), 200, weight=post.last_layer.weight, bias=post.last_layer.bias
     )
     g_before = diag.ggn_diagonal.clone()
-    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2.0)
+    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2)
     hd = infonce_hessian_diagonals(z[None], prob.text.embeddings, 3.0)[0]
     assert torch.allclose(new_diag.ggn_diagonal, g_before + 2.0 * torch.outer(hd, a_aug.square()), atol=1e-12)
-    assert torch.equal(diag.ggn_diagonal, g_before)
+    assert torch.equal(diag.ggn_diagonal, g_before) and new_diag.num_data == 202
+    with pytest.raises(ValueError, match="positive integer"):
+        add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=1.5)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag"])
+@pytest.mark.parametrize("logit_bias", [None, -1.5], ids=["infonce", "siglip"])
+@pytest.mark.parametrize("scale", [1, 3])
+def test_epig_updates_equal_the_posterior_rebuilt_with_the_acquired_points(structure, logit_bias, scale):
+    """add_curvature steps against the independent truth: update() from scratch on the Hessian data plus
+    ``scale`` copies of every acquired point (scored against the class embeddings), N included."""
+    gen = torch.Generator().manual_seed(5)
+    d, p, n_data, log_scale = 5, 7, 40, 2.0
+    weight = torch.randn(d, p, generator=gen, dtype=F64) / math.sqrt(p)
+    bias = 0.1 * torch.randn(d, generator=gen, dtype=F64)
+    acts = torch.randn(n_data + 3, p, generator=gen, dtype=F64)
+    embs = acts @ weight.T + bias
+    targets = torch.randn(30, d, generator=gen, dtype=F64)
+    classes = torch.randn(4, d, generator=gen, dtype=F64)
+    likelihood = "infonce" if logit_bias is None else "siglip"
+    cls = KFACPosterior if structure == "kfac" else DiagPosterior
+
+    def rebuilt(acquired: int) -> KFACPosterior | DiagPosterior:
+        post = cls(LastLayer(weight, bias), n=10.0, prior_precision=0.5)
+        for start in range(0, n_data, 16):
+            rows = slice(start, min(n_data, start + 16))
+            post.update(acts[rows], embs[rows], targets, log_scale, logit_bias, likelihood)
+        for i in range(n_data, n_data + acquired):
+            post.update(
+                acts[i].repeat(scale, 1), embs[i].repeat(scale, 1), classes, log_scale, logit_bias, likelihood
+            )
+        return post.finalize()
+
+    post = rebuilt(0)
+    for step in range(1, 4):
+        i = n_data + step - 1
+        post = add_curvature(post, acts[i], embs[i], classes, log_scale, logit_bias, scale=scale)
+        truth = rebuilt(step)
+        assert post.num_data == truth.num_data == n_data + step * scale
+        if structure == "kfac":
+            torch.testing.assert_close(post.A, truth.A, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(post.B, truth.B, rtol=1e-12, atol=1e-13)
+        else:
+            torch.testing.assert_close(post.ggn_diagonal, truth.ggn_diagonal, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(
+            post.embedding_variance(acts), truth.embedding_variance(acts), rtol=1e-10, atol=0
+        )
 
 
 def test_selections_do_not_depend_on_strategy_order_and_posteriors_stay_put():
@@ -229,12 +321,79 @@ def test_selections_do_not_depend_on_strategy_order_and_posteriors_stay_put():
     assert not torch.equal(select(prob, "random", 8, 2, cfg).indices, forward["random"])
 
 
-def test_lazy_greedy_epig_matches_full_rescoring():
-    prob = toy_problem(seed=3, n_pool=80, n_target=30)
-    lazy = greedy_epig(prob, 6, 0, AcquisitionConfig(samples=40, epig_candidates="pool", epig_batch=2))
-    full = greedy_epig(prob, 6, 0, AcquisitionConfig(samples=40, epig_candidates="pool", epig_lazy=False))
-    assert torch.equal(lazy.indices, full.indices)
-    assert torch.allclose(lazy.scores, full.scores, rtol=1e-10)
+def _random_epig_instance(seed: int) -> ActiveProblem:
+    """Tens of candidates, few classes; InfoNCE or SigLIP, KFAC or diagonal image posterior, a range of
+    posterior widths, and in some instances duplicated pool points (exactly tied scores)."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    k, d, p = 2 + seed % 3, 4 + seed % 3, 5 + seed % 4
+    prob = toy_problem(seed, n_pool=12 + seed % 19, n_target=5 + seed % 9, k=k, d=d, p=p)
+    image_post = prob.image_post
+    if seed % 5 == 1:
+        ggn = torch.rand(d, p + 1, generator=gen, dtype=F64) * 50
+        ll = image_post.last_layer
+        image_post = DiagPosterior.from_diagonal(
+            ggn, 200, weight=ll.weight, bias=ll.bias, prior_precision=0.5
+        )
+    image_post.n = [1.0, 10.0, 1e3][seed % 3]
+    pool = prob.pool
+    if seed % 4 == 0:
+        dup = torch.tensor([1, 5, 5, 9]) % len(pool)
+        pool = Features(
+            torch.cat([pool.activations, pool.activations[dup]]),
+            torch.cat([pool.embeddings, pool.embeddings[dup]]),
+        )
+    bias = -1.5 if seed % 2 else None
+    return ActiveProblem(pool, prob.target, prob.text, prob.logit_scale, bias, image_post, prob.text_post)
+
+
+def test_lazy_and_full_greedy_epig_pick_identical_sequences_on_random_instances(one_thread):
+    rises = 0
+    for seed in range(120):
+        prob = _random_epig_instance(seed)
+        budget = (1, 3, 5)[seed % 3]
+        cfg = {"samples": 8 + seed % 25, "epig_candidates": "pool", "epig_batch": 1 + seed % 4}
+        full_trace: list[dict[str, torch.Tensor]] = []
+        lazy = greedy_epig(prob, budget, seed, AcquisitionConfig(**cfg))
+        full = greedy_epig(prob, budget, seed, AcquisitionConfig(**cfg, epig_lazy=False), trace=full_trace)
+        assert torch.equal(lazy.indices, full.indices), seed
+        assert torch.equal(lazy.scores, full.scores), seed
+        previous: dict[int, float] = {}
+        for step, pick in zip(full_trace, full.indices.tolist(), strict=True):
+            positions, scores = step["positions"].tolist(), step["scores"]
+            assert not scores.isnan().any()
+            assert (scores <= step["bounds"]).all(), f"seed {seed}: a bound below its score"
+            # The pick is the argmax, the lowest position among equal scores.
+            assert pick == positions[int(torch.nonzero(scores == scores.max())[0])]
+            # The old bound, a candidate's previous score, fails where an update raised the score.
+            rises += sum(
+                previous.get(pos, math.inf) < float(sc)
+                for pos, sc in zip(positions, scores.tolist(), strict=True)
+            )
+            previous = dict(zip(positions, scores.tolist(), strict=True))
+    assert rises > 0, "no instance exercises a score that rose after an update"
+
+
+def test_epig_step_ties_go_to_the_lowest_position_and_a_failed_bound_scores_everything(monkeypatch):
+    def probs(rows: torch.Tensor) -> torch.Tensor:  # the candidate's position, where the fakes read it
+        return rows.double()[:, None, None].expand(-1, 2, 2).clone()
+
+    targets = type("Targets", (), {"samples": 2, "classes": 2})()
+    cases = [
+        # Candidate 0 ties candidate 1's best score with a lower bound: it is scored later, yet wins.
+        ([0.5, 0.9, 0.7, 0.5], [0.5, 0.5, 0.2, 0.1], 0),
+        # Candidate 2 beats its bound: the bounds are not trusted any more, so candidate 0 is scored too.
+        ([0.1, 0.9, 0.7, 0.05], [0.95, 0.5, 0.8, 0.0], 0),
+    ]
+    for bounds, scores, expected in cases:
+        bound_t, score_t = torch.tensor(bounds, dtype=F64), torch.tensor(scores, dtype=F64)
+        monkeypatch.setattr(
+            strategies, "epig_upper_bound", lambda p, t, dtype=None, b=bound_t: b[p[:, 0, 0].long()]
+        )
+        monkeypatch.setattr(strategies, "epig", lambda p, t, s=score_t, **kw: s[p[:, 0, 0].long()])
+        for lazy in (True, False):
+            cfg = AcquisitionConfig(epig_lazy=lazy, epig_batch=1)
+            pick, score, _, _ = strategies._epig_step(torch.arange(4), probs, targets, cfg)
+            assert (pick, score) == (expected, scores[expected]), (bounds, lazy)
 
 
 # ----------------------------------------------------------------------------------------------- fine-tuning
@@ -357,6 +516,21 @@ def test_every_active_learning_data_config_composes():
             cfg = compose("config", overrides=["task=active_learning", f"task/data={option}"])
             assert cfg.task.data.target in cfg.task.data.domains
             assert cfg.task.data.include_target_in_pool is False
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "-2", "true"])
+def test_update_scale_must_be_a_positive_integer(value):
+    from hydra import compose, initialize_config_module
+
+    from uqvlm.errors import UqvlmError
+    from uqvlm.tasks.active_learning import acquisition_config
+
+    with initialize_config_module("uqvlm.configs", version_base="1.3"):
+        good = compose("config", overrides=["task=active_learning", "task.epig.update_scale=10"])
+        bad = compose("config", overrides=["task=active_learning", f"task.epig.update_scale={value}"])
+    assert acquisition_config(good.task).epig_update_scale == 10
+    with pytest.raises(UqvlmError, match="task.epig.update_scale must be a positive integer"):
+        acquisition_config(bad.task)
 
 
 # ------------------------------------------------------------------------------------------------- end to end

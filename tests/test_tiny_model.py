@@ -29,15 +29,6 @@ def test_short_pretraining_is_reproducible_and_loadable(tmp_path, one_thread) ->
     assert torch.equal(model.visual.proj.detach(), sa["visual.proj"])
 
 
-@pytest.fixture
-def one_thread():
-    # Two intra-op threads on the shared 2-core machine ran 10-30x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_pretrained_tiny_is_good_and_shifts_hurt(tiny_checkpoint) -> None:
     """The cached shapes-pretrained checkpoint (the one every offline run uses) is genuinely good."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from uqvlm.active.acquisition import (
     MAX_ELEMENTS,
+    EpigTargets,
     assign_nearest_unused,
     bald,
     entropy,
@@ -60,7 +62,7 @@ class AcquisitionConfig:
     epig_candidates: str = "targeted"
     epig_lazy: bool = True
     epig_batch: int = 16
-    epig_update_scale: float = 1.0
+    epig_update_scale: int = 1
     epig_dtype: torch.dtype = torch.float32
     max_elements: int = MAX_ELEMENTS
 
@@ -126,17 +128,27 @@ def add_curvature(
     logit_scale: float,
     logit_bias: float | None = None,
     *,
-    scale: float = 1.0,
+    scale: int = 1,
     num_data: int | None = None,
 ) -> LastLayerPosterior:
     """A NEW posterior with one more (label-free) data point's curvature; ``post`` is left untouched.
 
     The point's output GGN H is that of the softmax (sigmoid for SigLIP) over the K class text embeddings.
-    KFAC: A += scale * a a^T / sqrt(N), B += scale * H / sqrt(N) (the normalisation every Hessian-data point
-    has). Diagonal: GGN += scale * diag(H) (a * a)^T. ``a`` is augmented with a 1 when the layer has a bias.
+    The point counts as ``scale`` data points (``scale`` copies of it), so the posterior equals the one
+    ``update`` would build from the Hessian data plus those copies, N included:
+    KFAC: A = (sqrt(N) A + scale a a^T) / sqrt(N + scale), B likewise with H (the sums are recovered from
+    the 1/sqrt(N)-normalised factors, extended, and renormalised by the new count);
+    diagonal: GGN += scale * diag(H) (a * a)^T (a plain sum), N + scale recorded.
+    ``a`` is augmented with a 1 when the layer has a bias. ``num_data``: N for a KFAC posterior that does
+    not record it.
     """
     from uqvlm.laplace import hessians
 
+    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
+        raise ValueError(
+            f"scale (the data points an acquired point counts as) must be a positive integer, got {scale!r}"
+        )
+    scale = int(scale)
     a = activation.detach().double().reshape(-1)
     if post.has_bias:
         a = torch.cat([a, a.new_ones(1)])
@@ -150,11 +162,15 @@ def add_curvature(
             h = hessians.infonce_hessian(z, class_embeddings.double(), logit_scale)
         else:
             h = hessians.siglip_hessian(z, class_embeddings.double(), logit_scale, logit_bias)
-        root = math.sqrt(n_data)
+        # N grows by `scale`, not 1: A (x) B = (sum a a^T) (x) (sum H) / N is KFAC's expectation
+        # approximation over one multiset of data, and the point's `scale` copies belong to the sums and to
+        # N alike (update() on the copies gives the same factors).
+        root, new_root = math.sqrt(n_data), math.sqrt(n_data + scale)
+        a = a.to(post.A.device)
         return KFACPosterior.from_factors(
-            post.A + (scale / root) * torch.outer(a, a),
-            post.B + (scale / root) * h,
-            n_data,
+            (root * post.A + scale * torch.outer(a, a)) / new_root,
+            (root * post.B + scale * h.to(post.B.device)) / new_root,
+            n_data + scale,
             weight=ll.weight,
             bias=ll.bias,
             n=post.n,
@@ -165,9 +181,10 @@ def add_curvature(
             hd = hessians.infonce_hessian_diagonals(z, class_embeddings.double(), logit_scale)[0]
         else:
             hd = hessians.siglip_hessian_diagonals(z, class_embeddings.double(), logit_scale, logit_bias)[0]
+        ggn = post.ggn_diagonal
         return DiagPosterior.from_diagonal(
-            post.ggn_diagonal + scale * torch.outer(hd.clamp_min(0), a.square()),
-            post.num_data or None,
+            ggn + scale * torch.outer(hd.clamp_min(0).to(ggn.device), a.to(ggn.device).square()),
+            post.num_data + scale if post.num_data else None,
             weight=ll.weight,
             bias=ll.bias,
             n=post.n,
@@ -244,48 +261,44 @@ def greedy_epig(
     seed: int,
     cfg: AcquisitionConfig,
     candidates: Tensor | None = None,
+    *,
+    trace: list[dict[str, Tensor]] | None = None,
 ) -> Selection:
     """Greedy EPIG with the image posterior updated (on copies) after every pick.
 
-    Lazy evaluation (``cfg.epig_lazy``): every candidate carries a bound, at first the exact
-    :func:`epig_upper_bound`, afterwards its last computed score; candidates are re-scored from the highest
-    bound down in growing batches, and the best fresh score is taken once it is at least every remaining
-    bound. The first pick is exactly greedy; later picks are too as long as a curvature update (which only
-    shrinks the posterior) never raises a score. ``epig_lazy=false`` re-scores every candidate at every step.
+    At every step each free candidate gets the exact :func:`epig_upper_bound` of its EPIG under the current
+    posterior's samples (computed from the same probabilities its EPIG is, plus a margin for the round-off
+    of ``cfg.epig_dtype``), and candidates are scored in blocks of ``cfg.epig_batch`` in descending bound
+    order. Lazy (``cfg.epig_lazy``): stop once the best score beats the highest bound left; otherwise every
+    candidate is scored. The pick is the highest score, the lowest candidate position among equal scores,
+    in both modes, and both score each candidate in the same block from the same probabilities, so they
+    pick identical sequences. ``trace``, when given, receives per step the candidate positions (into
+    ``candidates``), their bounds and their scores (NaN where lazy skipped them).
     """
     cand = epig_candidates(problem, cfg) if candidates is None else candidates.long()
     if budget > len(cand):
         raise ValueError(f"EPIG budget {budget} exceeds its {len(cand)} candidates; raise task.k_nearest")
+    if cfg.epig_batch < 1:
+        raise ValueError(f"epig batch must be a positive integer, got {cfg.epig_batch}")
     classes = _class_samples(problem, cfg.samples, make_generator(seed, "epig", "text"), cfg.epig_dtype)
     post = problem.image_post
-    bound = torch.empty(len(cand), dtype=torch.float64)
     free = torch.ones(len(cand), dtype=torch.bool)
     picks: list[int] = []
     scores: list[float] = []
     for step in range(budget):
         w, b = _image_samples(post, cfg, seed)
-        t_probs = _probs(problem, problem.target, None, w, b, classes, cfg)
-
-        def fresh(pos: Tensor, w=w, b=b, t_probs=t_probs) -> Tensor:
-            p_probs = _probs(problem, problem.pool, cand[pos], w, b, classes, cfg)
-            return epig(p_probs, t_probs, dtype=cfg.epig_dtype, max_elements=cfg.max_elements)
-
+        targets = EpigTargets(_probs(problem, problem.target, None, w, b, classes, cfg), cfg.epig_dtype)
         positions = free.nonzero().squeeze(1)
-        if not cfg.epig_lazy:
-            bound[positions] = fresh(positions)
-            best = int(positions[int(torch.argmax(bound[positions]))])
-        else:
-            if step == 0:
-                for rows in torch.split(
-                    positions, max(1, cfg.max_elements // (cfg.samples * t_probs.shape[2]))
-                ):
-                    bound[rows] = epig_upper_bound(
-                        _probs(problem, problem.pool, cand[rows], w, b, classes, cfg), t_probs
-                    )
-            best = _lazy_argmax(bound, positions, fresh, cfg.epig_batch)
+
+        def probs(rows: Tensor, w=w, b=b) -> Tensor:
+            return _probs(problem, problem.pool, cand[rows], w, b, classes, cfg)
+
+        best, best_score, bounds, fresh = _epig_step(positions, probs, targets, cfg)
+        if trace is not None:
+            trace.append({"positions": positions, "bounds": bounds, "scores": fresh})
         free[best] = False
         picks.append(int(cand[best]))
-        scores.append(float(bound[best]))
+        scores.append(best_score)
         if step + 1 < budget:
             i = picks[-1]
             post = add_curvature(
@@ -300,22 +313,87 @@ def greedy_epig(
     return Selection(torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float64))
 
 
-def _lazy_argmax(bound: Tensor, positions: Tensor, fresh, batch: int) -> int:
-    """Re-score ``positions`` from the highest ``bound`` down (batches doubling from ``batch``) until the
-    best fresh score is at least every bound left; fresh scores are written into ``bound``."""
-    order = positions[torch.argsort(bound[positions], descending=True, stable=True)]
-    best, best_score, start = -1, -math.inf, 0
-    while start < len(order):
-        rows = order[start : start + batch]
-        bound[rows] = fresh(rows)
-        i = int(torch.argmax(bound[rows]))
-        if float(bound[rows[i]]) > best_score:
-            best, best_score = int(rows[i]), float(bound[rows[i]])
-        start += len(rows)
-        if start >= len(order) or best_score >= float(bound[order[start:]].max()):
-            break
-        batch *= 2
-    return best
+def _epig_step(
+    positions: Tensor, probs: Callable[[Tensor], Tensor], targets: EpigTargets, cfg: AcquisitionConfig
+) -> tuple[int, float, Tensor, Tensor]:
+    """One greedy step over the free candidate ``positions``: (pick, its score, bounds, scores).
+
+    Candidates are ranked by (bound descending, position ascending) and scored in blocks of
+    ``cfg.epig_batch`` in rank order. Probabilities of at most ``window`` candidates are held at once (the
+    next ranks, collected by a pass over all candidates), so memory stays bounded; a further pass is needed
+    only when the scores do not beat the bounds of the first window (or to score every candidate of a
+    large pool).
+    """
+    n_free, block = len(positions), cfg.epig_batch
+    window = max(block, cfg.max_elements // (targets.samples * targets.classes) // block * block)
+    exhaustive = not cfg.epig_lazy
+    scores = torch.full((n_free,), math.nan, dtype=torch.float64)
+    best, best_score = -1, -math.inf
+    bounds, held, held_probs = _bound_pass(positions, probs, targets, cfg, window)
+    order = torch.argsort(bounds, descending=True, stable=True)  # ties: the lower position first
+    lo = 0
+    while True:
+        for start in range(0, len(held), block):
+            rows = held[start : start + block]
+            if not exhaustive and best_score > float(bounds[rows[0]]):
+                return int(positions[best]), best_score, bounds, scores
+            fresh = epig(
+                held_probs[start : start + block],
+                targets,
+                dtype=cfg.epig_dtype,
+                max_elements=cfg.max_elements,
+            )
+            scores[rows] = fresh.cpu()
+            # A score above its bound means the round-off margin failed: score every candidate.
+            exhaustive = exhaustive or bool((scores[rows] > bounds[rows]).any())
+            top = float(scores[rows].max())
+            first = int(rows[scores[rows] == top].min())
+            if top > best_score or (top == best_score and first < best):
+                best, best_score = first, top
+        lo += window
+        if lo >= n_free or (not exhaustive and best_score > float(bounds[order[lo]])):
+            return int(positions[best]), best_score, bounds, scores
+        _, held, held_probs = _bound_pass(positions, probs, targets, cfg, window, order[lo : lo + window])
+
+
+def _bound_pass(
+    positions: Tensor,
+    probs: Callable[[Tensor], Tensor],
+    targets: EpigTargets,
+    cfg: AcquisitionConfig,
+    window: int,
+    wanted: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Probabilities and bounds of every free candidate, computed in fixed chunks of consecutive positions
+    (so every pass and both modes get bitwise the same values). Returns the bounds [n_free] and the indices
+    and probabilities of the candidates held: ``wanted`` (in its order) when given, else the top ``window``
+    by (bound descending, position ascending), in that order."""
+    n_free = len(positions)
+    chunk = max(1, cfg.max_elements // (targets.samples * targets.classes))
+    bounds = torch.empty(n_free, dtype=torch.float64)
+    held = torch.zeros(0, dtype=torch.long)
+    held_probs: Tensor | None = None
+    for start in range(0, n_free, chunk):
+        idx = torch.arange(start, min(n_free, start + chunk))
+        p = probs(positions[idx])
+        bounds[idx] = epig_upper_bound(p, targets, dtype=cfg.epig_dtype).cpu()
+        if wanted is None:
+            # Held rows come first and have lower positions than the chunk's, so a stable sort keeps
+            # the lower position first among equal bounds.
+            held, p = torch.cat([held, idx]), p if held_probs is None else torch.cat([held_probs, p])
+            top = torch.argsort(bounds[held], descending=True, stable=True)[:window]
+            held, held_probs = held[top], p[top.to(p.device)]
+        else:
+            mask = torch.isin(idx, wanted)
+            held = torch.cat([held, idx[mask]])
+            kept = p[mask.to(p.device)]
+            held_probs = kept if held_probs is None else torch.cat([held_probs, kept])
+    if wanted is not None:
+        slot = torch.empty(n_free, dtype=torch.long)
+        slot[wanted] = torch.arange(len(wanted))
+        perm = torch.argsort(slot[held])
+        held, held_probs = held[perm], held_probs[perm.to(held_probs.device)]
+    return bounds, held, held_probs
 
 
 def _targeted(

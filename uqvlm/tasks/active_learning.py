@@ -89,6 +89,12 @@ def acquisition_config(tcfg: DictConfig) -> AcquisitionConfig:
     dtype = {"float64": torch.float64, "float32": torch.float32}.get(str(tcfg.epig.dtype))
     if dtype is None:
         raise UqvlmError(f"task.epig.dtype must be float64 or float32, got {tcfg.epig.dtype!r}")
+    scale = tcfg.epig.update_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != int(scale) or scale < 1:
+        raise UqvlmError(
+            f"task.epig.update_scale must be a positive integer (the data points an acquired image counts as), "
+            f"got {scale!r}"
+        )
     return AcquisitionConfig(
         samples=int(tcfg.samples),
         k_nearest=int(tcfg.k_nearest),
@@ -96,7 +102,7 @@ def acquisition_config(tcfg: DictConfig) -> AcquisitionConfig:
         epig_candidates=str(tcfg.epig.candidates),
         epig_lazy=bool(tcfg.epig.lazy),
         epig_batch=int(tcfg.epig.batch),
-        epig_update_scale=float(tcfg.epig.update_scale),
+        epig_update_scale=int(scale),
         epig_dtype=dtype,
     )
 
