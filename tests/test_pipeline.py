@@ -223,3 +223,18 @@ def test_submitit_local_sweep_of_three_prior_precisions(first_run, test_cache, t
     kfac = runs[runs.method == "bayesvlm-kfac"]
     assert sorted(kfac.prior_precision.astype(float)) == [1.0, 100.0, 10000.0]
     assert kfac.nll.nunique() == 3 and (runs[runs.method == "map"].nll.nunique() == 1)
+
+
+@pytest.mark.slow
+def test_default_run_reproduces_the_committed_table(tiny_checkpoint, test_cache, tmp_path):
+    """`uqvlm run` with no overrides gives the committed table (results/ is what the code produces): a
+    change that moves the numbers must refresh them (`make reproduce-offline`) in the same commit."""
+    committed = REPO / "results" / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv"
+    run_cli("task.plots=false", cache=test_cache, results=tmp_path / "results", logs=tmp_path / "logs")
+    fresh = pd.read_csv(tmp_path / "results" / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv")
+    expected = pd.read_csv(committed)
+    assert list(fresh.columns) == list(expected.columns)
+    for column in ("method", "n", "uses_labels"):
+        assert fresh[column].tolist() == expected[column].tolist(), column
+    numeric = [c for c in expected.columns if c not in ("method", "n", "uses_labels")]
+    pd.testing.assert_frame_equal(fresh[numeric], expected[numeric], check_exact=False, atol=1e-4, rtol=0)
