@@ -48,6 +48,7 @@ __all__ = [
     "UnsupportedPreprocessError",
     "add_gaussian_noise",
     "corrupted_preprocess",
+    "image_seed",
     "noise_generator",
     "plot_metrics_vs_noise",
     "plot_similarity_vs_noise",
