@@ -1,0 +1,331 @@
+"""Computational overhead of the BayesVLM predictive over the deterministic model (paper: < 5% runtime,
+< 0.11% GFLOPs).
+
+Two kinds of work, counted separately because they are measured differently:
+
+- **matmul FLOPs**, counted by :class:`torch.utils.flop_counter.FlopCounterMode` while the real code
+  runs. It counts only matmul-like ops (mm, addmm, bmm, convolution, attention kernels; 2*m*n*k per
+  [m, k] x [k, n] product, bias adds not included). Every other op (elementwise, reductions,
+  softmax, matrix-vector products, eigendecompositions) counts 0.
+- **elementwise ops**, which that counter misses but which are most of the predictive's extra work
+  (the probit rescaling runs over every [N, K] logit). :func:`count_elementwise` measures them with a
+  dispatch mode: one op per element of the largest operand of every non-matmul, non-view aten op (a
+  fused op such as log_softmax counts once per element though it does several arithmetic operations
+  per element; a matrix-vector product counts its matrix's elements once, not 2x). The leading [N, K]
+  term is also given by formula (:data:`NK_PASSES`), checked against the measurement in the tests.
+
+Encoders are counted with the attention math path forced (torch's fused attention kernels on CPU and
+``nn.MultiheadAttention``'s fast path are invisible to the flop counter) so attention is included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from uqvlm.features import Features
+from uqvlm.laplace.kfac import KFACPosterior
+from uqvlm.methods import BayesVLM, cosine_logits
+
+__all__ = [
+    "NK_PASSES",
+    "PredictiveCost",
+    "bayesvlm_log_probs",
+    "count_elementwise",
+    "count_flops",
+    "encoder_flops",
+    "map_log_probs",
+    "overhead_summary",
+    "predictive_costs",
+    "synthetic_kfac_inputs",
+    "time_call",
+]
+
+# Passes over an [N, K] array per predictive, in the unit of count_elementwise (one per element per aten
+# op, so the count follows the code as dispatched):
+# MAP (cosine_logits + log_softmax): scale, + bias, log_softmax = 3.
+# BayesVLM KFAC + probit (methods.BayesVLM.logit_moments, probcosine.probit_log_probs):
+#   logit_moments: mean * s, + bias, var * s^2 = 3;
+#   the input checks of probit_log_probs: torch.isfinite(x).all() on the mean and on the variance
+#   (isfinite dispatches as abs, ne inf, x == x, mul: 4 ops, + all = 5 each) and (var < 0).any() = 2,
+#   12 in all; probit: * pi/8, + 1, rsqrt, * mean = 4; log_softmax = 1. Total 20.
+#   (The mean and the rank-2 variance themselves are matmuls, counted by FlopCounterMode.)
+NK_PASSES = {"map": 3, "bayesvlm": 20}
+
+
+# ----------------------------------------------------------------------------------------- counting
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Matmul-like FLOPs of ``fn(*args, **kwargs)`` by FlopCounterMode (elementwise ops count 0)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+class _ElementCounter(TorchDispatchMode):
+    """Counts, per non-matmul, non-view aten op, the element count of its largest tensor operand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket not in flop_registry and not func.is_view:
+            leaves, _ = tree_flatten((args, kwargs, out))
+            self.total += max((t.numel() for t in leaves if isinstance(t, Tensor)), default=0)
+        return out
+
+
+def count_elementwise(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Elementwise ops of ``fn(*args, **kwargs)``: for every aten op that FlopCounterMode does not count
+    and that is not a view, the number of elements of its largest tensor operand (input or output).
+
+    So ``a * b`` on [N, K] counts N*K, ``x.sum(1)`` on [N, D] counts N*D, a dtype copy counts its size.
+    """
+    with _ElementCounter() as counter:
+        fn(*args, **kwargs)
+    return counter.total
+
+
+# ----------------------------------------------------------------------------- the two predictives
+
+
+def map_log_probs(image: Features, text: Features, logit_scale: float, logit_bias: float | None) -> Tensor:
+    """The deterministic predictive exactly as :class:`uqvlm.methods.MAP` computes it."""
+    return cosine_logits(image.embeddings, text.embeddings, logit_scale, logit_bias).log_softmax(-1)
+
+
+def bayesvlm_log_probs(
+    image: Features,
+    text: Features,
+    posts: dict[str, Any],
+    logit_scale: float,
+    logit_bias: float | None,
+    predictive: str = "probit",
+) -> Tensor:
+    """The BayesVLM predictive through :meth:`uqvlm.methods.BayesVLM.log_probs` itself (the KFAC
+    rank-one path when both posteriors have ``variance_factors``), with the prior already set."""
+    ctx = SimpleNamespace(text=text, logit_scale=logit_scale, logit_bias=logit_bias)
+    return BayesVLM(structure="kfac", predictive=predictive).log_probs(ctx, image, posts)
+
+
+def _random_psd(dim: int, generator: torch.Generator) -> Tensor:
+    x = torch.randn(dim, 2 * dim, generator=generator, dtype=torch.float64)
+    return x @ x.T / (2 * dim)
+
+
+def synthetic_kfac_inputs(
+    n_images: int,
+    n_classes: int,
+    embed_dim: int,
+    image_in: int,
+    text_in: int,
+    *,
+    image_bias: bool = False,
+    text_bias: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Random cached features (float32, as the feature cache stores them) and fitted KFAC posteriors of
+    the given sizes: costs depend on shapes only. Returns image, text (Features) and posts."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"posts": {}}
+    for tower, rows, p, bias in (
+        ("image", n_images, image_in, image_bias),
+        ("text", n_classes, text_in, text_bias),
+    ):
+        weight = torch.randn(embed_dim, p, generator=g) / math.sqrt(p)
+        b = torch.randn(embed_dim, generator=g) if bias else None
+        act = torch.randn(rows, p, generator=g)
+        emb = act @ weight.T + (b if b is not None else 0.0)
+        out[tower] = Features(act.to(device), emb.to(device))
+        post = KFACPosterior.from_factors(
+            _random_psd(p + int(bias), g), _random_psd(embed_dim, g), weight=weight, bias=b, n=10.0
+        )
+        out["posts"][tower] = post.to(device)
+    return out
+
+
+@dataclass(frozen=True)
+class PredictiveCost:
+    """Work of one predictive for ``n_images`` x ``n_classes`` on cached features.
+
+    matmul_flops: FlopCounterMode; elementwise_ops: :func:`count_elementwise` (all sizes);
+    elementwise_ops_nk: the [N, K] part by formula, ``NK_PASSES[method] * N * K``.
+    """
+
+    method: str
+    n_images: int
+    n_classes: int
+    matmul_flops: int
+    elementwise_ops: int
+    elementwise_ops_nk: int
+
+
+def predictive_costs(
+    n_images: int,
+    n_classes: int,
+    embed_dim: int,
+    image_in: int,
+    text_in: int,
+    *,
+    image_bias: bool = False,
+    text_bias: bool = False,
+    logit_bias: float | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, PredictiveCost]:
+    """Counted cost of MAP and of BayesVLM (KFAC, probit) for N images x K classes with embedding dim D
+    and last-layer input dims ``image_in`` / ``text_in`` (p, q; + 1 each with a bias).
+
+    BayesVLM's matmuls: the mean cosine 2*N*D*K, the rank-2 variance 2*N*2*K, a^T A~^-1 a via the
+    eigenbasis projection 2*N*p'^2 (+ 2*p'^2 for the one-row probe that returns diag B~^-1) and the same
+    for the K class prompts. MAP: 2*N*D*K.
+    """
+    inputs = synthetic_kfac_inputs(
+        n_images,
+        n_classes,
+        embed_dim,
+        image_in,
+        text_in,
+        image_bias=image_bias,
+        text_bias=text_bias,
+        device=device,
+    )
+    image, text, posts = inputs["image"], inputs["text"], inputs["posts"]
+    scale = math.log(100.0)
+    runs = {
+        "map": lambda: map_log_probs(image, text, scale, logit_bias),
+        "bayesvlm": lambda: bayesvlm_log_probs(image, text, posts, scale, logit_bias),
+    }
+    return {
+        name: PredictiveCost(
+            method=name,
+            n_images=n_images,
+            n_classes=n_classes,
+            matmul_flops=count_flops(fn),
+            elementwise_ops=count_elementwise(fn),
+            elementwise_ops_nk=NK_PASSES[name] * n_images * n_classes,
+        )
+        for name, fn in runs.items()
+    }
+
+
+# -------------------------------------------------------------------------------------- encoders
+
+
+@contextlib.contextmanager
+def _countable_attention() -> Iterator[None]:
+    """nn.MultiheadAttention's fused fast path and SDPA's fused kernels are invisible to (or, on CPU,
+    not registered with) the flop counter; the math path runs attention as countable bmm's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def _image_size(model: torch.nn.Module) -> tuple[int, int]:
+    size = getattr(model.visual, "image_size", None)
+    if size is None:
+        raise ValueError(f"{type(model.visual).__name__} has no image_size: cannot build an input to count")
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _context_length(model: torch.nn.Module) -> int:
+    length = getattr(model, "context_length", None) or getattr(
+        getattr(model, "text", None), "context_length", None
+    )
+    if not length:
+        raise ValueError(f"{type(model).__name__} has no context_length: cannot build an input to count")
+    return int(length)
+
+
+@torch.no_grad()
+def encoder_flops(vlm: Any, batch: int = 1) -> dict[str, int]:
+    """Matmul FLOPs of one forward of each tower on ``batch`` inputs (a zero image at the model's input
+    size; a full-length token sequence), in fp32 on the model's device: {"image": ..., "text": ...}.
+
+    ``vlm`` is a :class:`uqvlm.models.VLM` (random init is fine: FLOPs depend on shapes only).
+    """
+    model = vlm.model
+    device = next(model.parameters()).device
+    h, w = _image_size(model)
+    pixels = torch.zeros(batch, 3, h, w, device=device)
+    tokens = torch.zeros(batch, _context_length(model), dtype=torch.long, device=device)
+    with _countable_attention():
+        return {
+            "image": count_flops(model.encode_image, pixels),
+            "text": count_flops(model.encode_text, tokens),
+        }
+
+
+# --------------------------------------------------------------------------------------- summary
+
+
+def overhead_summary(encoder: dict[str, int], costs: dict[str, PredictiveCost]) -> dict[str, float]:
+    """Extra work of BayesVLM over MAP for the whole zero-shot pipeline of one evaluation: N images and K
+    class prompts encoded once (``encoder`` per input, from :func:`encoder_flops` with batch 1) plus
+    the predictive.
+
+    flops_overhead: extra matmul FLOPs / the deterministic pipeline's matmul FLOPs.
+    flops_overhead_with_elementwise: (extra matmul FLOPs + extra elementwise ops) / the same denominator;
+    an upper bound, since the encoders' own elementwise work is not in the denominator.
+    """
+    m, b = costs["map"], costs["bayesvlm"]
+    if (m.n_images, m.n_classes) != (b.n_images, b.n_classes):
+        raise ValueError("costs['map'] and costs['bayesvlm'] were counted for different N x K")
+    base = m.n_images * encoder["image"] + m.n_classes * encoder["text"] + m.matmul_flops
+    extra_matmul = b.matmul_flops - m.matmul_flops
+    extra_elementwise = b.elementwise_ops - m.elementwise_ops
+    return {
+        "pipeline_flops_map": float(base),
+        "extra_matmul_flops": float(extra_matmul),
+        "extra_elementwise_ops": float(extra_elementwise),
+        "flops_overhead": extra_matmul / base,
+        "flops_overhead_with_elementwise": (extra_matmul + extra_elementwise) / base,
+    }
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def time_call(
+    fn: Callable[[], Any], repeats: int = 10, device: torch.device | str | None = None, warmup: int = 1
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` calls after ``warmup`` untimed ones.
+
+    On a CUDA device the GPU is synchronised before and after each call, so queued kernels are timed.
+    For study outputs only: never assert on it.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
