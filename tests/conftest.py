@@ -47,3 +47,33 @@ def reference_hessians() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/reference-hessians is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def vit_b32_checkpoint(test_cache: Path) -> Path:
+    """A seeded random-init open_clip ViT-B-32 checkpoint FILE (the layout of a real one: a plain state
+    dict), written once per test cache and shared: tests pass it as ``model.pretrained=<file>`` to run
+    the real architecture's path without its weights."""
+    return _random_init_checkpoint(test_cache, "ViT-B-32")
+
+
+def _random_init_checkpoint(test_cache: Path, name: str, seed: int = 0) -> Path:
+    import io
+
+    import open_clip
+    import torch
+    from filelock import FileLock
+
+    from uqvlm.cache import atomic_write
+
+    path = test_cache / "models" / f"{name}-random-init-seed{seed}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None)
+            buf = io.BytesIO()  # one archive name, so the bytes (and cache keys) do not depend on a temp name
+            torch.save(model.state_dict(), buf)
+            with atomic_write(path) as f:
+                f.write(buf.getvalue())
+    return path
