@@ -76,6 +76,12 @@ def test_unwritable_directory_fails_before_compute(tmp_path, which):
             "error: unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?",
         ),
         (["sed=1"], "error: unknown key sed; did you mean seed?"),
+        # A key that moved to the one task that reads it says where it is now.
+        (
+            ["posterior.predictive=mc"],
+            "error: posterior.predictive is now task.predictive (task=active_learning; zero-shot: "
+            "task.methods.<name>.predictive)",
+        ),
         # A known key the chosen option leaves out needs Hydra's + form.
         (
             ["dataset=cifar10", "dataset.val_split=train"],

@@ -159,6 +159,7 @@ TYPOS = [
     ("+task.methods.tta.veiws=2", "unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?"),
     ("+model.precison=fp16", "unknown key model.precison; did you mean model.precision"),
     ("+dataset.qqqqqq=1", "unknown key dataset.qqqqqq; dataset takes domain, image_size, kind, n, name"),
+    ("+posterior.mc_samples=10", "posterior.mc_samples is now task.mc_samples (task=active_learning"),
 ]
 AL_TYPOS = [
     ("+task.epig.lazzy=false", "unknown key task.epig.lazzy; did you mean task.epig.lazy?"),

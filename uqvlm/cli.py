@@ -108,7 +108,7 @@ def override_error_message(err: Exception) -> str | None:
     struct"): the closest known key, or the ``+key=value`` form for a known key this config leaves out."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from uqvlm.tasks.keys import allowed_keys
+    from uqvlm.tasks.keys import allowed_keys, moved_key_message
     from uqvlm.validation import unknown_key_message
 
     cause = err.__cause__
@@ -118,6 +118,8 @@ def override_error_message(err: Exception) -> str | None:
     if not cause.full_key or parent is None:
         return None
     section, _, key = str(cause.full_key).rpartition(".")
+    if moved := moved_key_message(str(cause.full_key)):
+        return moved
     try:
         allowed = allowed_keys(parent._get_root(), section)
     except Exception:  # noqa: BLE001 - another problem of this config, named by the settings later

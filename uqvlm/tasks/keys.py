@@ -25,6 +25,11 @@ from uqvlm.validation import check_keys
 
 # (dotted path, the section, the keys it may hold: None for any)
 Section = tuple[str, DictConfig, frozenset[str] | None]
+# Keys that moved to the one task that reads them: where they are now.
+MOVED_KEYS = {
+    "posterior.predictive": "task.predictive (task=active_learning; zero-shot: task.methods.<name>.predictive)",
+    "posterior.mc_samples": "task.mc_samples (task=active_learning; zero-shot: task.methods.<name>.samples)",
+}
 # Hydra's instantiate keys, allowed in every ``_target_`` spec.
 INSTANTIATE_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
 
@@ -114,10 +119,18 @@ def config_sections(cfg: DictConfig) -> Iterator[Section]:
         yield from _walk("task", cfg.task, settings_keys(task))
 
 
+def moved_key_message(path: str) -> str | None:
+    """Where the key at the dotted ``path`` is now, if it moved; else None."""
+    return f"{path} is now {MOVED_KEYS[path]}" if path in MOVED_KEYS else None
+
+
 def check_config_keys(cfg: DictConfig) -> None:
-    """Stop on any key nothing reads, naming it and the closest known key."""
+    """Stop on any key nothing reads, naming it and the closest known key (or where it moved)."""
     for path, node, allowed in config_sections(cfg):
         if allowed is not None:
+            for key in node.keys():
+                if key not in allowed and (moved := moved_key_message(f"{path}.{key}")):
+                    raise UqvlmError(moved)
             check_keys(path, node.keys(), allowed)
 
 
