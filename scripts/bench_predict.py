@@ -59,7 +59,7 @@ def main() -> None:
         image=features(args.images, "image"),
         labels=torch.zeros(args.images, dtype=torch.long),
         text=features(args.classes, "text"),
-        posterior_cfg=None,
+        posterior=None,
         validation_provider=None,
         views_provider=None,
         posterior_provider=lambda s: posts,

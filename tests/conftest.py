@@ -16,6 +16,31 @@ SHARED = REPO.parent / "shared"
 TEST_CACHE = Path(os.environ.get("UQVLM_TEST_CACHE", REPO / ".cache" / "test"))
 
 
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("uqvlm.configs", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _settings(*overrides: str):
+    from uqvlm.tasks.common import load_settings
+
+    return load_settings(_compose(*overrides))
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(*overrides)``: the config ``uqvlm run`` composes from configs/ with these overrides."""
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def settings_of():
+    """``settings_of(*overrides)``: the checked settings of that config, as a task receives them."""
+    return _settings
+
+
 @pytest.fixture(scope="session")
 def test_cache() -> Path:
     TEST_CACHE.mkdir(parents=True, exist_ok=True)

@@ -504,41 +504,31 @@ def test_domains_align_classes_by_name(tmp_path):
     assert len(data.pool_labels) == len(with_target.pool_labels) - len(clip)
 
 
-def test_every_active_learning_data_config_composes():
-    from hydra import compose, initialize_config_module
-
+def test_every_active_learning_data_config_composes(compose):
     options = sorted(
         p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "task" / "data").glob("*.yaml")
     )
     assert {"shapes", "officehome", "imagenet-r-sketch"} <= set(options)
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        for option in options:
-            cfg = compose("config", overrides=["task=active_learning", f"task/data={option}"])
-            assert cfg.task.data.target in cfg.task.data.domains
-            assert cfg.task.data.include_target_in_pool is False
+    for option in options:
+        cfg = compose("task=active_learning", f"task/data={option}")
+        assert cfg.task.data.target in cfg.task.data.domains
+        assert cfg.task.data.include_target_in_pool is False
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-2", "true"])
-def test_update_scale_must_be_a_positive_integer(value):
-    from hydra import compose, initialize_config_module
-
+def test_update_scale_must_be_a_positive_integer(value, settings_of):
     from uqvlm.errors import UqvlmError
-    from uqvlm.tasks.active_learning import acquisition_config
 
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        good = compose("config", overrides=["task=active_learning", "task.epig.update_scale=10"])
-        bad = compose("config", overrides=["task=active_learning", f"task.epig.update_scale={value}"])
-    assert acquisition_config(good.task).epig_update_scale == 10
+    good = settings_of("task=active_learning", "task.epig.update_scale=10")
+    assert good.task.acquisition().epig_update_scale == 10
     with pytest.raises(UqvlmError, match="task.epig.update_scale must be a positive integer"):
-        acquisition_config(bad.task)
+        settings_of("task=active_learning", f"task.epig.update_scale={value}")
 
 
 # ------------------------------------------------------------------------------------------------- end to end
 
 
-def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint):
-    from hydra import compose, initialize_config_module
-
+def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint, settings_of):
     from uqvlm.tasks import active_learning
 
     common = [
@@ -556,11 +546,10 @@ def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint):
         "task.samples=16",
         "task.finetune.epochs=3",
     ]
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        first = compose("config", overrides=[*common, "task.strategies=[random,entropy-targeted,bald]"])
-        second = compose("config", overrides=[*common, "task.strategies=[epig]"])
+    first = settings_of(*common, "task.strategies=[random,entropy-targeted,bald]")
+    second = settings_of(*common, "task.strategies=[epig]")
     active_learning.run(first)
-    table = active_learning.run(second)  # as a multirun's second job: aggregates both jobs' rows
+    table = active_learning.run(second).table  # as a multirun's second job: aggregates both jobs' rows
 
     out = tmp_path / "active_learning" / "shapes-sketch"
     csv = pd.read_csv(out / "uqvlm-tiny.csv")

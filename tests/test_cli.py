@@ -76,6 +76,12 @@ def test_unwritable_directory_fails_before_compute(tmp_path, which):
             "error: unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?",
         ),
         (["sed=1"], "error: unknown key sed; did you mean seed?"),
+        # A key that moved to the one task that reads it says where it is now.
+        (
+            ["posterior.predictive=mc"],
+            "error: posterior.predictive is now task.predictive (task=active_learning; zero-shot: "
+            "task.methods.<name>.predictive)",
+        ),
         # A known key the chosen option leaves out needs Hydra's + form.
         (
             ["dataset=cifar10", "dataset.val_split=train"],
@@ -126,3 +132,64 @@ def test_other_composition_errors_read_as_hydra_writes_them():
     assert out.returncode == 1
     assert "no viable alternative" in out.stderr and "HYDRA_FULL_ERROR=1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# A bug deep in the maths: the KFAC posterior's variance factors raise a ValueError as a shape bug would.
+BROKEN_MATHS = """
+import sys
+
+from uqvlm.cli import main
+from uqvlm.laplace.kfac import KFACPosterior
+
+
+def broken_variance_factors(self, activations):
+    raise ValueError("operands could not be broadcast together (a bug)")
+
+
+KFACPosterior.variance_factors = broken_variance_factors
+main(["run", *sys.argv[1:]])
+"""
+
+
+def test_a_bug_keeps_its_traceback_while_a_bad_setting_is_one_line(tmp_path, test_cache, tiny_checkpoint):
+    """Only uqvlm's own errors (bad settings, data, files) become one line: a ValueError from inside the
+    maths is a bug, and reaches the user with its traceback."""
+    small = [
+        f"paths.cache_dir={test_cache}",
+        f"paths.results_dir={tmp_path}/results",
+        f"paths.log_dir={tmp_path}/logs",
+        f"model.pretrained={tiny_checkpoint}",
+        "posterior=kfac",
+        "dataset.n=40",
+        "hessian_data.n=200",
+        "hessian_data.class_batch=100",
+        "~task.methods.temperature",
+        "~task.methods.tta",
+        "~task.methods.bayesvlm-kfac-mc",
+        "task.plots=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    env.pop("UQVLM_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", BROKEN_MATHS, *small, *overrides],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=env,
+        )
+
+    bug = run()
+    assert bug.returncode == 1, bug.stdout[-2000:] + bug.stderr[-2000:]
+    assert "Traceback" in bug.stderr and "in broken_variance_factors" in bug.stderr
+    assert "ValueError: operands could not be broadcast together (a bug)" in bug.stderr
+    assert "error:" not in bug.stdout
+    assert not (tmp_path / "results" / "zeroshot").exists()
+
+    bad = run("posterior.n=0")
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert bad.stdout.strip().splitlines()[-1] == "error: posterior.n must be a positive finite number, got 0"
+    assert "Traceback" not in bad.stdout + bad.stderr

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
@@ -19,19 +18,14 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (REPO / "configs" / group).glob("*.yaml"))
 
 
-def compose_with(*overrides: str):
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes(group, option):
-    cfg = compose_with(f"{group}={option}")
+def test_every_option_composes(group, option, compose):
+    cfg = compose(f"{group}={option}")
     section = cfg[group]
     required = {
         "model": {"name", "pretrained", "precision", "batch_size"},
         "dataset": {"name", "kind"},
-        "posterior": {"structures", "n", "prior_precision", "predictive"},
+        "posterior": {"structures", "n", "prior_precision", "evidence_variant"},
         "task": {"name"},
         "paths": {"cache_dir", "results_dir"},
         "hessian_data": {"name", "kind"},
@@ -39,20 +33,20 @@ def test_every_option_composes(group, option):
     assert required <= set(section.keys()), f"{group}={option} lacks {required - set(section.keys())}"
 
 
-def test_default_is_the_offline_world():
-    cfg = compose_with()
+def test_default_is_the_offline_world(compose):
+    cfg = compose()
     assert cfg.model.name == "uqvlm-tiny" and cfg.dataset.kind == "shapes" and cfg.task.name == "zeroshot"
     assert cfg.dataset.domain != "photo", "the demo evaluates a shifted domain"
 
 
-def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+def test_cache_dir_follows_environment(monkeypatch, tmp_path, compose):
     monkeypatch.setenv("UQVLM_CACHE", str(tmp_path))
-    assert compose_with().paths.cache_dir == str(tmp_path)
+    assert compose().paths.cache_dir == str(tmp_path)
 
 
-def test_unknown_option_lists_available():
+def test_unknown_option_lists_available(compose):
     with pytest.raises(MissingConfigException) as err:
-        compose_with("model=no-such-model")
+        compose("model=no-such-model")
     assert "uqvlm-tiny" in str(err.value) and "Available options" in str(err.value)
 
 
@@ -101,12 +95,12 @@ def test_package_list_matches_source_tree():
     assert found | {"uqvlm.configs"} == listed
 
 
-def test_unset_mandatory_data_key_names_the_key_to_set():
+def test_unset_mandatory_data_key_names_the_key_to_set(compose):
     """A ``???`` left in a data section fails with the override to set, not omegaconf's own error."""
     from uqvlm.data.registry import build_pair_dataset, build_zeroshot_dataset
     from uqvlm.errors import DataUnavailableError
 
-    cfg = compose_with("dataset=ucf101", "hessian_data=laion400m")
+    cfg = compose("dataset=ucf101", "hessian_data=laion400m")
     with pytest.raises(DataUnavailableError, match=r"dataset 'ucf101' needs root: .* dataset\.root="):
         build_zeroshot_dataset(cfg.dataset)
     with pytest.raises(
@@ -137,17 +131,17 @@ AL_DATA = sorted(p.stem for p in (REPO / "configs" / "task" / "data").glob("*.ya
     + [[f"experiment={o}"] for o in options("experiment")],
     ids=lambda o: " ".join(o),
 )
-def test_every_shipped_option_holds_only_declared_keys(overrides):
+def test_every_shipped_option_holds_only_declared_keys(overrides, compose):
     """Every key of every shipped option is one the code reads (a constructor argument or a declared
     task key): a key added to a YAML without a reader is refused here (ucf101.yaml once carried three).
     The experiments pass the whole validation (paper_zeroshot: the reference evidence with KFAC only)."""
-    from uqvlm.tasks.common import validate_config
+    from uqvlm.tasks.common import load_settings
     from uqvlm.tasks.keys import check_config_keys
 
-    cfg = compose_with(*overrides)
+    cfg = compose(*overrides)
     check_config_keys(cfg)
     if overrides[0].startswith("experiment="):
-        validate_config(cfg)
+        load_settings(cfg)
 
 
 # (override, the line it must end in): a typo in each group, with its closest known key.
@@ -165,6 +159,7 @@ TYPOS = [
     ("+task.methods.tta.veiws=2", "unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?"),
     ("+model.precison=fp16", "unknown key model.precison; did you mean model.precision"),
     ("+dataset.qqqqqq=1", "unknown key dataset.qqqqqq; dataset takes domain, image_size, kind, n, name"),
+    ("+posterior.mc_samples=10", "posterior.mc_samples is now task.mc_samples (task=active_learning"),
 ]
 AL_TYPOS = [
     ("+task.epig.lazzy=false", "unknown key task.epig.lazzy; did you mean task.epig.lazy?"),
@@ -191,11 +186,11 @@ AL_TYPOS = [
         )
     ],
 )
-def test_unknown_keys_stop_before_compute_with_a_suggestion(tmp_path, overrides, message, capsys):
+def test_unknown_keys_stop_before_compute_with_a_suggestion(tmp_path, overrides, message, capsys, compose):
     from uqvlm import cli
 
     paths = [f"paths.cache_dir={tmp_path}/cache", f"paths.results_dir={tmp_path}/results"]
-    cfg = compose_with(*paths, *overrides)
+    cfg = compose(*paths, *overrides)
     with pytest.raises(SystemExit) as exit_info:
         cli.task_main(cfg)
     assert exit_info.value.code == 2
@@ -219,3 +214,55 @@ def test_registry_refuses_keys_its_constructor_does_not_take():
     pairs.sed = 1
     with pytest.raises(UqvlmError, match=r"hessian_data\.sed; did you mean hessian_data\.seed\?"):
         build_pair_dataset(pairs)
+
+
+def _data_sections(compose) -> list[tuple[str, str, dict]]:
+    """(path, group, section as the registry receives it) of every shipped dataset and Hessian-data
+    option and every active-learning domain (``common`` merged under it, the split the task adds)."""
+    out = []
+    for group in ("dataset", "hessian_data"):
+        for option in options(group):
+            out.append(
+                (f"{group}={option}", group, OmegaConf.to_container(compose(f"{group}={option}")[group]))
+            )
+    for option in AL_DATA:
+        data = OmegaConf.to_container(compose("task=active_learning", f"task/data={option}").task.data)
+        native = (data.get("splits") or {}).get("by", "native") == "native"
+        for domain, spec in data["domains"].items():
+            section = {**data["common"], **(spec or {}), **({"split": "test"} if native else {})}
+            out.append((f"task/data={option} {domain}", "dataset", section))
+    return out
+
+
+def test_every_data_option_binds_its_constructor(compose):
+    """Each shipped data section, minus the tasks' keys its constructor does not take, binds to the
+    signature of its kind's constructor: a key it lacks a parameter for, or a required argument the
+    section leaves out, fails here, not in a run."""
+    import inspect
+
+    from uqvlm.data.registry import (
+        DATASET_TASK_KEYS,
+        FACTOR_KINDS,
+        PAIR_KINDS,
+        PAIR_TASK_KEYS,
+        ZEROSHOT_KINDS,
+        constructor_keys,
+    )
+    from uqvlm.data.sections import PublishedFactorsSettings
+
+    sections = _data_sections(compose)
+    assert len(sections) > len(options("dataset")) + len(options("hessian_data"))
+    for where, group, section in sections:
+        kind = section["kind"]
+        if group == "hessian_data" and kind in FACTOR_KINDS:
+            factory, task_keys = PublishedFactorsSettings, frozenset()
+        elif group == "hessian_data":
+            factory, task_keys = PAIR_KINDS[kind], PAIR_TASK_KEYS
+        else:
+            factory, task_keys = ZEROSHOT_KINDS[kind], DATASET_TASK_KEYS
+        params = constructor_keys(factory) or frozenset()
+        kwargs = {k: v for k, v in section.items() if k not in task_keys or k in params}
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as err:
+            pytest.fail(f"{where}: {err}")

@@ -11,7 +11,6 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_module
 from PIL import Image
 
 from uqvlm import cli
@@ -45,7 +44,9 @@ def local_data(tmp_path_factory):
     return root
 
 
-def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(local_data, tiny_checkpoint, tmp_path):
+def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(
+    local_data, tiny_checkpoint, tmp_path, compose
+):
     overrides = [
         "dataset=food101",
         f"dataset.source={local_data / 'hf'}",
@@ -62,9 +63,7 @@ def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(local_data,
         f"paths.cache_dir={tmp_path}/cache",
         f"paths.results_dir={tmp_path}/results",
     ]
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    run_task(cfg)
+    run_task(compose(*overrides))
     table = pd.read_csv(tmp_path / "results" / "zeroshot" / "local-fruit" / "uqvlm-tiny.csv")
     assert set(table.method) >= {"map", "temperature", "tta", "bayesvlm-kfac", "bayesvlm-diag"}
     assert (table.n == 12).all()
@@ -72,19 +71,15 @@ def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(local_data,
     assert len(list((tmp_path / "cache" / "posteriors").glob("*.pt"))) == 2
 
 
-def test_real_model_and_dataset_fail_fast_offline(tmp_path, capsys, monkeypatch):
+def test_real_model_and_dataset_fail_fast_offline(tmp_path, capsys, monkeypatch, compose):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "model=clip-b32",
-                "dataset=imagenet-r",
-                f"paths.cache_dir={tmp_path}/c",
-                f"paths.results_dir={tmp_path}/r",
-            ],
-        )
+    cfg = compose(
+        "model=clip-b32",
+        "dataset=imagenet-r",
+        f"paths.cache_dir={tmp_path}/c",
+        f"paths.results_dir={tmp_path}/r",
+    )
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         cli.task_main(cfg)

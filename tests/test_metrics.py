@@ -104,7 +104,7 @@ def _map_context(img: torch.Tensor, txt: torch.Tensor, scale: float, views=()) -
         image=Features(img, img),
         labels=torch.zeros(len(img), dtype=torch.long),
         text=Features(txt, txt),
-        posterior_cfg=None,
+        posterior=None,
         validation_provider=no,
         views_provider=lambda k: list(views)[:k],
         posterior_provider=no,

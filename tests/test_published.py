@@ -6,12 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from PIL import Image
 
 from uqvlm.cli import run_task
 from uqvlm.laplace.reference import load_published_factors
-from uqvlm.tasks.common import load_model, prepare_dirs
+from uqvlm.tasks.common import load_model, load_settings, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 
@@ -26,7 +25,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def compose_published(reference_hessians, image_folder, tmp_path):
+def compose_published(compose, reference_hessians, image_folder, tmp_path):
     overrides = [
         "model=clip-b32",
         "model.pretrained=null",
@@ -44,15 +43,14 @@ def compose_published(reference_hessians, image_folder, tmp_path):
         f"paths.cache_dir={tmp_path}/cache",
         f"paths.results_dir={tmp_path}/results",
     ]
-    with initialize_config_module("uqvlm.configs", version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose(*overrides)
 
 
-def test_factors_become_the_posterior_of_vit_b_32(reference_hessians, image_folder, tmp_path):
-    cfg = compose_published(reference_hessians, image_folder, tmp_path)
-    dirs = prepare_dirs(cfg)
-    model = load_model(cfg, dirs)
-    posts, ident = fit_posteriors(cfg, model, dirs, "kfac")
+def test_factors_become_the_posterior_of_vit_b_32(reference_hessians, image_folder, tmp_path, compose):
+    settings = load_settings(compose_published(compose, reference_hessians, image_folder, tmp_path))
+    dirs = prepare_dirs(settings.paths)
+    model = load_model(settings, dirs)
+    posts, ident = fit_posteriors(settings.hessian_data, model, dirs, "kfac")
     published = load_published_factors(reference_hessians)
     a = published["A_img"]
     torch.testing.assert_close(posts["image"].A, (a + a.T) / 2, rtol=1e-12, atol=1e-9)
@@ -61,8 +59,8 @@ def test_factors_become_the_posterior_of_vit_b_32(reference_hessians, image_fold
     assert ident == {"published": str(reference_hessians)}
 
 
-def test_zeroshot_run_with_published_factors(reference_hessians, image_folder, tmp_path):
-    cfg = compose_published(reference_hessians, image_folder, tmp_path)
+def test_zeroshot_run_with_published_factors(reference_hessians, image_folder, tmp_path, compose):
+    cfg = compose_published(compose, reference_hessians, image_folder, tmp_path)
     run_task(cfg)
     table = pd.read_csv(tmp_path / "results" / "zeroshot" / "ucf101" / "ViT-B-32.csv")
     assert list(table.method) == ["map", "bayesvlm-kfac", "bayesvlm-kfac-mc"]

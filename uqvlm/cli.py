@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
@@ -25,47 +26,42 @@ examples:
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
-TASKS = {
-    "zeroshot": "uqvlm.tasks.zeroshot",
-    "hessian": "uqvlm.tasks.hessian",
-    "active_learning": "uqvlm.tasks.active_learning",
-}
+if TYPE_CHECKING:
+    from uqvlm.settings import RunSettings
 
 
-def describe(cfg: DictConfig) -> str:
-    """The composed config in one line per seam."""
-    post = cfg.posterior
+def describe(settings: RunSettings) -> str:
+    """The run's settings in one line per seam."""
+    post, model = settings.posterior, settings.model
     return (
-        f"[bold]task[/] {cfg.task.name}  [bold]model[/] {cfg.model.name} ({cfg.model.pretrained})  "
-        f"[bold]dataset[/] {cfg.dataset.name}\n"
-        f"[bold]posterior[/] {list(post.structures) or 'map only'} n={post.n} "
-        f"prior_precision={post.prior_precision} predictive={post.predictive}  "
-        f"[bold]hessian data[/] {cfg.hessian_data.name}\n"
-        f"[bold]cache[/] {cfg.paths.cache_dir}  [bold]results[/] {cfg.paths.results_dir}"
+        f"[bold]task[/] {settings.task.name}  [bold]model[/] {model.name} ({model.pretrained})  "
+        f"[bold]dataset[/] {settings.dataset.name}\n"
+        f"[bold]posterior[/] {list(post.structures) or 'map only'} n={post.n:g} "
+        f"prior_precision={post.prior_precision}  [bold]hessian data[/] {settings.hessian_data.name}\n"
+        f"[bold]cache[/] {settings.paths.cache_dir}  [bold]results[/] {settings.paths.results_dir}"
     )
 
 
-def run_task(cfg: DictConfig):
-    """Run ``cfg.task.name``; uqvlm's own errors become one clear line and exit status 2."""
+def run_task(cfg: DictConfig) -> float | None:
+    """Check ``cfg`` into typed settings, then run the task ``uqvlm.tasks.<task.name>`` (or skip it when a
+    finished run record exists); returns the objective for a sweeper (None without one)."""
     import importlib
 
-    name = cfg.task.name
-    if name not in TASKS:
-        raise UqvlmError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
-    console.print(describe(cfg))
-    module = importlib.import_module(TASKS[name])
-    if should_skip_existing(cfg) and hasattr(module, "finished_record"):
-        record = module.finished_record(cfg)
+    from uqvlm.tasks.common import load_settings
+
+    settings = load_settings(cfg)
+    console.print(describe(settings))
+    module = importlib.import_module(f"uqvlm.tasks.{settings.task.name}")
+    if should_skip_existing(settings.skip_existing):
+        record = module.finished_record(settings)
         if record is not None:
             console.print(f"[green]already done[/] (same config hash): {record}; skipping")
             return json.loads(record.read_text()).get("provenance", {}).get("objective")
-    result = module.run(cfg)
-    return getattr(result, "attrs", {}).get("objective")
+    return module.run(settings).objective
 
 
-def should_skip_existing(cfg: DictConfig) -> bool:
+def should_skip_existing(setting: bool | str) -> bool:
     """``skip_existing: auto`` skips finished configs in multiruns (so a re-launched sweep resumes)."""
-    setting = cfg.get("skip_existing", "auto")
     if setting == "auto":
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -85,8 +81,9 @@ def task_main(cfg: DictConfig) -> float | None:
         os.environ["HYDRA_FULL_ERROR"] = _user_full_error
     try:
         return run_task(cfg)
-    except (UqvlmError, ValueError) as err:
+    except UqvlmError as err:
         # Bad input (config values, data, caches): one clear line. UQVLM_DEBUG=1 shows the traceback.
+        # Any other exception is a bug and keeps its traceback.
         if os.environ.get("UQVLM_DEBUG"):
             raise
         console.print(f"[bold red]error:[/] {err}")
@@ -111,7 +108,7 @@ def override_error_message(err: Exception) -> str | None:
     struct"): the closest known key, or the ``+key=value`` form for a known key this config leaves out."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    from uqvlm.tasks.keys import allowed_keys
+    from uqvlm.tasks.keys import allowed_keys, moved_key_message
     from uqvlm.validation import unknown_key_message
 
     cause = err.__cause__
@@ -121,9 +118,11 @@ def override_error_message(err: Exception) -> str | None:
     if not cause.full_key or parent is None:
         return None
     section, _, key = str(cause.full_key).rpartition(".")
+    if moved := moved_key_message(str(cause.full_key)):
+        return moved
     try:
         allowed = allowed_keys(parent._get_root(), section)
-    except Exception:  # noqa: BLE001 - another problem of this config, named by validate_config later
+    except Exception:  # noqa: BLE001 - another problem of this config, named by the settings later
         allowed = None
     if allowed is None:
         allowed = set(parent.keys())
@@ -137,7 +136,7 @@ def override_error_message(err: Exception) -> str | None:
 def run(overrides: list[str]) -> None:
     """``uqvlm run``: Hydra composes the config and calls ``task_main``. Hydra's composition errors
     come back here, so an override of an unknown key ends in one uqvlm line with the closest known key,
-    like the keys ``validate_config`` refuses; the other errors read as Hydra writes them."""
+    like the keys the settings refuse; the other errors read as Hydra writes them."""
     global _user_full_error
     from hydra.errors import CompactHydraException, ConfigCompositionException
     from omegaconf.errors import OmegaConfBaseException

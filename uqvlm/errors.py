@@ -5,6 +5,11 @@ class UqvlmError(Exception):
     """Base class: the CLI prints these as one clear message."""
 
 
+class ConfigError(UqvlmError, ValueError):
+    """A setting has a value uqvlm refuses (the message names its config key). Also a ValueError, as a bad
+    argument is to the library functions that raise it."""
+
+
 class WeightsUnavailableError(UqvlmError):
     """Model weights are not on this machine and cannot be downloaded."""
 

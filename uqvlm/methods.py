@@ -12,14 +12,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from uqvlm.features import Features
+from uqvlm.laplace import KFACPosterior, grid_search_prior
 from uqvlm.metrics import negative_log_likelihood
 from uqvlm.probcosine import mc_log_probs, probcosine, probcosine_rank1, probit_log_probs
+from uqvlm.validation import check_choice
+
+if TYPE_CHECKING:
+    from uqvlm.settings import PosteriorSettings
+
+# The BayesVLM predictive of the logits' Gaussian: probit approximation or Monte Carlo samples.
+Predictive = Literal["probit", "mc"]
+PREDICTIVES: tuple[str, ...] = get_args(Predictive)
+# ``posterior.prior_precision`` beside a number: the evidence optimum, or a validation-NLL grid search.
+PriorPrecisionMode = Literal["evidence", "grid"]
+PRIOR_PRECISION_MODES: tuple[str, ...] = get_args(PriorPrecisionMode)
 
 
 def cosine_logits(img: Tensor, txt: Tensor, logit_scale: float, logit_bias: float | None) -> Tensor:
@@ -39,7 +51,7 @@ class ZeroShotContext:
     image: Features
     labels: Tensor
     text: Features
-    posterior_cfg: Any
+    posterior: PosteriorSettings | None  # n and the prior precision of BayesVLM's posteriors
     validation_provider: Callable[[], tuple[Features, Tensor]]
     views_provider: Callable[[int], list[Features]]
     posterior_provider: Callable[[str], dict[str, Any]]
@@ -118,10 +130,13 @@ class BayesVLM(Method):
     """BayesVLM: last-layer Laplace posteriors -> embedding variances -> ProbCosine -> predictive."""
 
     def __init__(
-        self, structure: str = "kfac", predictive: str = "probit", samples: int = 1000, seed: int = 0
+        self,
+        structure: str = KFACPosterior.structure,
+        predictive: Predictive = "probit",
+        samples: int = 1000,
+        seed: int = 0,
     ):
-        if predictive not in ("probit", "mc"):
-            raise ValueError(f"predictive must be 'probit' or 'mc', got {predictive!r}")
+        check_choice("predictive", predictive, PREDICTIVES)
         self.structure, self.predictive, self.samples, self.seed = structure, predictive, samples, seed
 
     def logit_moments(
@@ -157,15 +172,15 @@ class BayesVLM(Method):
 
     def configure_prior(self, ctx: ZeroShotContext, posts: dict[str, Any]) -> None:
         """Set n and lambda on both towers: a number, the evidence optimum, or a validation-NLL grid."""
-        from uqvlm.laplace.evidence import grid_search_prior
-
-        cfg = ctx.posterior_cfg
-        lam = cfg.prior_precision
+        settings = ctx.posterior
+        if settings is None:
+            raise ValueError("BayesVLM needs the posterior settings (ZeroShotContext.posterior)")
+        lam = settings.prior_precision
         for post in posts.values():
-            post.n = float(cfg.n)
+            post.n = settings.n
         if lam == "evidence":
             for post in posts.values():
-                post.optimize_prior_precision(method="evidence", variant=cfg.evidence_variant)
+                post.optimize_prior_precision(method="evidence", variant=settings.evidence_variant)
         elif lam == "grid":
             self.uses_labels = True
             val_features, val_labels = ctx.validation
@@ -178,11 +193,7 @@ class BayesVLM(Method):
             best = grid_search_prior(val_nll, [10.0 ** (e / 2) for e in range(-4, 17)])
             for post in posts.values():
                 post.prior_precision = best
-        elif isinstance(lam, int | float) and not isinstance(lam, bool):
-            for post in posts.values():
-                post.prior_precision = float(lam)
         else:
-            raise ValueError(
-                f"posterior.prior_precision must be a positive number, 'evidence' or 'grid'; got {lam!r}"
-            )
+            for post in posts.values():
+                post.prior_precision = lam
         ctx.notes[f"prior_precision/{self.structure}"] = {t: p.prior_precision for t, p in posts.items()}

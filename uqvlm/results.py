@@ -9,38 +9,40 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from uqvlm.cache import atomic_write
 from uqvlm.console import console
 
+if TYPE_CHECKING:
+    from uqvlm.settings import ModelSettings
+
 # Keys that change where or how fast a run happens, not what it computes.
 NON_SEMANTIC_KEYS = ("paths", "device", "num_workers", "hydra", "skip_existing")
 
 
-def model_slug(model_cfg: DictConfig) -> str:
+def model_slug(model: ModelSettings) -> str:
     """A file-name-safe model identifier: the open_clip name, plus the pretrained tag when it is one."""
-    name = str(model_cfg.name).replace("/", "_")
-    tag = model_cfg.get("pretrained")
+    name = str(model.name).replace("/", "_")
+    tag = model.pretrained
     if tag in (None, "", "shapes") or "/" in str(tag) or str(tag).startswith(("hf-hub:", "local-dir:")):
         return name
     return f"{name}_{tag}"
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A hash of everything in the config that determines the results."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    semantic = {k: v for k, v in container.items() if k not in NON_SEMANTIC_KEYS}
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A hash of everything in the (resolved, plain) config that determines the results."""
+    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def record_path(directory: Path, stem: str, cfg: DictConfig) -> Path:
-    return directory / "runs" / f"{stem}-{config_hash(cfg)}.json"
+def record_path(directory: Path, stem: str, config: Mapping[str, Any]) -> Path:
+    return directory / "runs" / f"{stem}-{config_hash(config)}.json"
 
 
 def write_results(
@@ -49,21 +51,21 @@ def write_results(
     stem: str,
     *,
     title: str,
-    cfg: DictConfig,
+    config: Mapping[str, Any],
     provenance: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write the table and its run record atomically, then print it."""
+    """Write the table and its run record (with ``config``, the resolved config) atomically, then print it."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
         "csv": directory / f"{stem}.csv",
         "md": directory / f"{stem}.md",
         "json": directory / f"{stem}.json",
-        "record": record_path(directory, stem, cfg),
+        "record": record_path(directory, stem, config),
     }
     record = {
         "title": title,
-        "config_hash": config_hash(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_hash": config_hash(config),
+        "config": dict(config),
         "rows": json.loads(table.to_json(orient="records")),
         "provenance": provenance or {},
     }

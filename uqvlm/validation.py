@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +25,48 @@ def check_tensor(name: str, x: Any, ndim: int) -> Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return x
+
+
+def _real(name: str, value: Any, error: type[Exception], expected: str) -> float:
+    """A number or a one-element tensor as a float (bools and strings are refused)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise error(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any, error: type[Exception] = ValueError) -> float:
+    """``value`` (a number or a one-element tensor) as a finite float, else ``error`` naming ``name``."""
+    v = _real(name, value, error, "a finite number")
+    if not math.isfinite(v):
+        raise error(f"{name} must be a finite number, got {value!r}")
+    return v
+
+
+def check_positive(name: str, value: Any, error: type[Exception] = ValueError) -> float:
+    """``value`` (a number or a one-element tensor) as a positive finite float, else ``error`` naming ``name``."""
+    v = _real(name, value, error, "a positive finite number")
+    if not math.isfinite(v) or v <= 0:
+        raise error(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def check_positive_int(name: str, value: Any, error: type[Exception] = ValueError) -> int:
+    """``value`` as a positive int, else ``error`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any], error: type[Exception] = ValueError) -> Any:
+    """``value`` if it is one of ``choices``, else ``error`` naming ``name`` and the choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
 
 
 def unknown_key_message(section: str, keys: Iterable[str], allowed: Iterable[str]) -> str:

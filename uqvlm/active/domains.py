@@ -22,12 +22,14 @@ from torch import Tensor
 from uqvlm.config_utils import to_plain
 from uqvlm.data.base import ZeroShotDataset, fingerprint_of
 from uqvlm.data.registry import build_zeroshot_dataset
-from uqvlm.errors import DatasetFormatError
+from uqvlm.errors import ConfigError, DatasetFormatError
 from uqvlm.features import Features
+from uqvlm.validation import check_choice
 
-__all__ = ["DomainData", "build_domain_data", "pool_domains", "normalise_name"]
+__all__ = ["DomainData", "SPLIT_MODES", "build_domain_data", "pool_domains", "split_mode", "normalise_name"]
 
 SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("native", "seeded")
 # extract(dataset, description) -> (features, labels in the dataset's own class indices)
 Extractor = Callable[[ZeroShotDataset, str], tuple[Features, Tensor]]
 
@@ -59,13 +61,20 @@ def pool_domains(spec: Mapping[str, Any]) -> list[str]:
     domains = list(spec["domains"])
     target = spec["target"]
     if target not in domains:
-        raise ValueError(f"target domain {target!r} is not one of the domains {domains}")
+        raise ConfigError(f"task.data.target: target domain {target!r} is not one of the domains {domains}")
     chosen = list(spec.get("pool") or domains)
     if unknown := [d for d in chosen if d not in domains]:
-        raise ValueError(f"pool domains {unknown} are not among the domains {domains}")
+        raise ConfigError(f"task.data.pool: pool domains {unknown} are not among the domains {domains}")
     if spec.get("include_target_in_pool", False):
         return chosen if target in chosen else [*chosen, target]
     return [d for d in chosen if d != target]
+
+
+def split_mode(spec: Mapping[str, Any]) -> str:
+    """How each domain is split (``splits.by``): one of ``SPLIT_MODES``, ``native`` by default."""
+    return check_choice(
+        "task.data.splits.by", (spec.get("splits") or {}).get("by", "native"), SPLIT_MODES, ConfigError
+    )
 
 
 def _seeded_split(n: int, fractions: Mapping[str, float], seed: int, domain: str) -> dict[str, np.ndarray]:
@@ -89,7 +98,7 @@ def build_domain_data(spec: Mapping[str, Any], extract: Extractor) -> DomainData
     target = spec["target"]
     pool_names = pool_domains(spec)
     used = [target, *[d for d in pool_names if d != target]]
-    by = (spec.get("splits") or {}).get("by", "native")
+    by = split_mode(spec)
     sizes = spec.get("sizes") or {}
     common = spec.get("common") or {}
     needed = {
@@ -104,11 +113,11 @@ def build_domain_data(spec: Mapping[str, Any], extract: Extractor) -> DomainData
         if by == "native":
             for split in needed[d]:
                 cap = {"n": sizes[split]} if sizes.get(split) is not None else {}
-                ds = build_zeroshot_dataset({**dcfg, "split": split, **cap})
+                ds = build_zeroshot_dataset({**dcfg, "split": split, **cap}, section=f"task.data.domains.{d}")
                 raw[d, split] = extract(ds, f"{d} {split}")
                 names[d] = ds.classnames
-        elif by == "seeded":
-            ds = build_zeroshot_dataset(dcfg)
+        else:  # seeded
+            ds = build_zeroshot_dataset(dcfg, section=f"task.data.domains.{d}")
             feats, labels = extract(ds, d)
             parts = _seeded_split(
                 len(labels), spec["splits"]["fractions"], int(spec["splits"].get("seed", 0)), d
@@ -117,8 +126,6 @@ def build_domain_data(spec: Mapping[str, Any], extract: Extractor) -> DomainData
                 rows = parts[split][: sizes.get(split)]
                 raw[d, split] = (_select(feats, rows), labels[torch.as_tensor(rows, dtype=torch.long)])
             names[d] = ds.classnames
-        else:
-            raise ValueError(f"splits.by must be 'native' or 'seeded', got {by!r}")
         if d == target:
             templates = ds.templates
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import cosine_logits
+from uqvlm.validation import check_finite, check_positive_int
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune_image_layer", "embed"]
 
@@ -30,6 +31,16 @@ class FinetuneConfig:
     weight_decay: float = 5e-2
     epochs: int = 100
     batch_size: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay"):
+            value = check_finite(name, getattr(self, name))
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            setattr(self, name, value)
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+        self.batch_size = check_positive_int("batch_size", self.batch_size)
 
 
 @dataclass
@@ -96,8 +107,6 @@ def finetune_image_layer(
 ) -> FinetuneResult:
     """Cross-entropy fine-tuning of ``layer`` with seeded shuffles; keeps the epoch (0 included: the
     pre-trained layer) with the lowest validation loss, the earliest on ties."""
-    if cfg.epochs < 0 or cfg.batch_size < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {cfg.epochs}, {cfg.batch_size}")
     w = layer.weight.detach().double().clone().requires_grad_(True)
     b = None if layer.bias is None else layer.bias.detach().double().clone().requires_grad_(True)
     current = LastLayer(w, b)

@@ -1,8 +1,10 @@
 """Build datasets from config sections (``cfg.dataset`` / ``cfg.hessian_data``) by their ``kind``.
 
 Each kind maps to a constructor; config keys are passed by name. A section may also carry the keys the
-tasks read (``DATASET_TASK_KEYS``, ``PAIR_TASK_KEYS``); any other key is refused as a typo, with the
-closest known key, so ``domian: photo`` cannot silently run on the default domain.
+tasks read (the fields of its settings in :mod:`uqvlm.data.sections`); any other key is refused as a
+typo, with the closest known key, so ``domian: photo`` cannot silently run on the default domain. A
+value the constructor refuses (a ValueError) is reported as a :class:`~uqvlm.errors.ConfigError` of the
+section.
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ from typing import Any
 
 from uqvlm.config_utils import to_plain
 from uqvlm.data.base import PairDataset, ZeroShotDataset
+from uqvlm.data.sections import DatasetSettings, PairDataSettings, PublishedFactorsSettings, task_keys
 from uqvlm.data.shapes import ShapesPairs, ShapesZeroShot
 from uqvlm.data.sources import HFPairs, HFZeroShot, ImageFolderZeroShot, WebDatasetPairs
 from uqvlm.data.templates import resolve_templates
+from uqvlm.errors import ConfigError, UqvlmError
 from uqvlm.validation import check_keys
 
-# Keys a section carries for the tasks beside its constructor's arguments: ``name`` (results paths),
-# ``kind`` (the constructor), ``val_split`` (tasks/zeroshot.py: methods fitted on labels) and
-# ``class_batch`` (tasks/hessian.py: targets per contrastive batch). Passed on only where the
-# constructor takes them too.
-DATASET_TASK_KEYS = frozenset({"name", "kind", "val_split"})
-PAIR_TASK_KEYS = frozenset({"name", "kind", "class_batch"})
+# Keys a section carries for the tasks beside its constructor's arguments (``kind`` picks the
+# constructor); passed on only where the constructor takes them too.
+DATASET_TASK_KEYS = task_keys(DatasetSettings)
+PAIR_TASK_KEYS = task_keys(PairDataSettings)
 # hessian_data kinds read by tasks/hessian.py that are not pair datasets: their keys.
-FACTOR_KINDS: dict[str, frozenset[str]] = {"published": frozenset({"name", "kind", "dir"})}
+FACTOR_KINDS: dict[str, frozenset[str]] = {PublishedFactorsSettings.KIND: task_keys(PublishedFactorsSettings)}
 
 
 def _shapes_zeroshot(**kw: Any) -> ZeroShotDataset:
@@ -66,7 +68,7 @@ def _kind_keys(
     kind: Any, kinds: Mapping[str, Callable[..., Any]], task_keys: frozenset[str], what: str
 ) -> frozenset[str] | None:
     if kind not in kinds:
-        raise ValueError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(sorted(kinds))}")
+        raise ConfigError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(sorted(kinds))}")
     params = constructor_keys(kinds[kind])
     return None if params is None else params | task_keys
 
@@ -82,7 +84,7 @@ def pair_dataset_keys(kind: Any) -> frozenset[str] | None:
         return FACTOR_KINDS[kind]
     if kind not in PAIR_KINDS:
         known = ", ".join(sorted([*PAIR_KINDS, *FACTOR_KINDS]))
-        raise ValueError(f"unknown pair dataset kind {kind!r}; known kinds: {known}")
+        raise ConfigError(f"unknown pair dataset kind {kind!r}; known kinds: {known}")
     return _kind_keys(kind, PAIR_KINDS, PAIR_TASK_KEYS, "pair dataset")
 
 
@@ -100,7 +102,12 @@ def _build(
         check_keys(section, kw, allowed)
     factory = kinds[kind]
     params = constructor_keys(factory)
-    return factory(**{k: v for k, v in kw.items() if params is None or k in params})
+    try:
+        return factory(**{k: v for k, v in kw.items() if params is None or k in params})
+    except UqvlmError:
+        raise
+    except ValueError as err:  # a value the constructor refuses (an unknown domain, a bad template)
+        raise ConfigError(f"{section}: {err}") from err
 
 
 def build_zeroshot_dataset(cfg: Mapping, section: str = "dataset") -> ZeroShotDataset:

@@ -34,11 +34,8 @@ __all__ = [
     "siglip_hessian_diagonals",
 ]
 
-STRUCTURES: dict[str, type[LastLayerPosterior]] = {
-    "kfac": KFACPosterior,
-    "diag": DiagPosterior,
-    "map": MAPPosterior,
-}
+# Every posterior class registers its ``structure`` name on definition (``LastLayerPosterior.__init_subclass__``).
+STRUCTURES: dict[str, type[LastLayerPosterior]] = dict(LastLayerPosterior._registry)
 
 _HESSIAN_NAMES = (
     "infonce_hessian",
@@ -64,7 +61,7 @@ def Laplace(  # noqa: N802 - named like laplace-torch's factory
     n: float = 10.0,
     prior_precision: float = 1.0,
 ) -> LastLayerPosterior:
-    """An unfitted posterior of the given structure ("kfac" | "diag" | "map") around ``last_layer``."""
+    """An unfitted posterior of the given structure (one of ``STRUCTURES``) around ``last_layer``."""
     cls = STRUCTURES.get(structure)
     if cls is None:
         raise ValueError(f"structure must be one of {tuple(STRUCTURES)}, got {structure!r}")

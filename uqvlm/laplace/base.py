@@ -9,7 +9,6 @@ be changed freely without refitting.
 from __future__ import annotations
 
 import importlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..features import LastLayer
-from ..validation import check_tensor
+from ..validation import check_finite, check_positive, check_tensor
 from .evidence import grid_search_prior as _grid_search_prior
 from .evidence import maximise_evidence
 
@@ -35,36 +34,6 @@ def _hessian_module() -> ModuleType:
     # Imported on first use so the posteriors load even where the Hessian module is unavailable;
     # tests replace this function to inject a brute-force reference.
     return importlib.import_module(f"{__package__}.hessians")
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from err
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
-def _check_finite_scalar(name: str, value: Any) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a finite number, got {value!r}") from err
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return v
 
 
 _check_tensor = check_tensor
@@ -151,7 +120,7 @@ class LastLayerPosterior(ABC):
 
     @n.setter
     def n(self, value: float) -> None:
-        self._n = _check_positive("n", value)
+        self._n = check_positive("n", value)
 
     @property
     def prior_precision(self) -> float:
@@ -159,7 +128,7 @@ class LastLayerPosterior(ABC):
 
     @prior_precision.setter
     def prior_precision(self, value: float) -> None:
-        self._prior_precision = _check_positive("prior_precision", value)
+        self._prior_precision = check_positive("prior_precision", value)
 
     @property
     def num_data(self) -> int:
@@ -194,9 +163,9 @@ class LastLayerPosterior(ABC):
         lam = (
             self._prior_precision
             if prior_precision is None
-            else _check_positive("prior_precision", prior_precision)
+            else check_positive("prior_precision", prior_precision)
         )
-        nn = self._n if n is None else _check_positive("n", n)
+        nn = self._n if n is None else check_positive("n", n)
         return lam, nn
 
     # --------------------------------------------------------------------------- accumulation
@@ -228,11 +197,11 @@ class LastLayerPosterior(ABC):
             raise ValueError(f"target_emb has dim {tgt.shape[1]}, the last layer outputs {self.out_features}")
         if tgt.shape[0] == 0:
             raise ValueError("target_emb must contain at least one target")
-        scale = _check_finite_scalar("logit_scale", logit_scale)
+        scale = check_finite("logit_scale", logit_scale)
         if likelihood == "siglip":
             if logit_bias is None:
                 raise ValueError("logit_bias is required for likelihood='siglip'")
-            bias = _check_finite_scalar("logit_bias", logit_bias)
+            bias = check_finite("logit_bias", logit_bias)
         else:
             if logit_bias is not None:
                 raise ValueError("logit_bias must be None for likelihood='infonce'")

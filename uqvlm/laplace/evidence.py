@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from ..validation import check_positive
+
 __all__ = [
     "EVIDENCE_VARIANTS",
     "kfac_log_evidence",
@@ -24,16 +26,6 @@ __all__ = [
 EVIDENCE_VARIANTS = ("exact", "reference")
 
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-def _positive(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from err
-    if isinstance(value, bool) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
 
 
 def _eigvals(name: str, eig: Tensor) -> Tensor:
@@ -66,8 +58,8 @@ def kfac_log_evidence(
         raise ValueError(f"variant must be one of {EVIDENCE_VARIANTS}, got {variant!r}")
     ea = _eigvals("eig_A", eig_A)
     eb = _eigvals("eig_B", eig_B)
-    lam = _positive("prior_precision", prior_precision)
-    n = _positive("n", n)
+    lam = check_positive("prior_precision", prior_precision)
+    n = check_positive("n", n)
     w2 = float(weight_sq_norm)
     if not math.isfinite(w2) or w2 < 0:
         raise ValueError(f"weight_sq_norm must be finite and >= 0, got {weight_sq_norm!r}")
@@ -90,8 +82,8 @@ def diag_log_evidence(ggn_diag: Tensor, weight_sq_norm: float, prior_precision: 
         raise ValueError("ggn_diag must be a non-empty tensor")
     if not torch.isfinite(ggn_diag).all():
         raise ValueError("ggn_diag contains NaN or Inf")
-    lam = _positive("prior_precision", prior_precision)
-    n = _positive("n", n)
+    lam = check_positive("prior_precision", prior_precision)
+    n = check_positive("n", n)
     w2 = float(weight_sq_norm)
     if not math.isfinite(w2) or w2 < 0:
         raise ValueError(f"weight_sq_norm must be finite and >= 0, got {weight_sq_norm!r}")
@@ -114,7 +106,7 @@ def maximise_evidence(
     within the two neighbouring grid cells to ``tol`` in log lambda. Non-finite values of ``fn`` count
     as -inf. Warns when the optimum sits on a bound.
     """
-    lo, hi = _positive("bounds[0]", bounds[0]), _positive("bounds[1]", bounds[1])
+    lo, hi = check_positive("bounds[0]", bounds[0]), check_positive("bounds[1]", bounds[1])
     if not lo < hi:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds!r}")
     if grid_points < 3:
@@ -127,7 +119,7 @@ def maximise_evidence(
 
     xs = [log_lo + (log_hi - log_lo) * i / (grid_points - 1) for i in range(grid_points)]
     if init is not None:
-        x0 = math.log(_positive("init", init))
+        x0 = math.log(check_positive("init", init))
         if log_lo < x0 < log_hi:
             xs = sorted({*xs, x0})
     vals = [f(x) for x in xs]
@@ -168,7 +160,7 @@ def grid_search_prior(nll_fn: Callable[[float], float], grid: Iterable[float]) -
 
     Non-finite NLLs are skipped; raises ValueError when every value is non-finite or the grid is empty.
     """
-    lams = [_positive("grid value", g) for g in grid]
+    lams = [check_positive("grid value", g) for g in grid]
     if not lams:
         raise ValueError("grid must contain at least one prior precision")
     best_lam, best_val = None, math.inf

@@ -25,12 +25,13 @@ every term is of the size of the result.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ..validation import check_finite, check_positive_int
 
 __all__ = [
     "infonce_hessian",
@@ -52,19 +53,6 @@ _F64 = torch.float64
 # ----------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _scalar(value: float | Tensor, name: str) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (float or 0-d tensor), got shape {tuple(value.shape)}")
-        value = value.detach().to("cpu", _F64).item()
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _check_matrix(x: Tensor, name: str) -> Tensor:
@@ -99,10 +87,8 @@ def _check_matrix(x: Tensor, name: str) -> Tensor:
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
 
 
 @dataclass
@@ -134,8 +120,8 @@ def _problem(
         )
     if source.device != target.device:
         raise ValueError(f"source is on {source.device} but target is on {target.device}")
-    log_s = _scalar(logit_scale, "logit_scale")
-    bias = 0.0 if logit_bias is None else _scalar(logit_bias, "logit_bias")
+    log_s = check_finite("logit_scale", logit_scale)
+    bias = 0.0 if logit_bias is None else check_finite("logit_bias", logit_bias)
     _check_chunk_size(chunk_size)
 
     dtype = torch.promote_types(source.dtype, target.dtype)
@@ -369,8 +355,7 @@ def naive_infonce_hessian(
     Costs O(B C D^2); kept as a benchmark baseline and a second reference for tests. Returns float64 [D, D].
     """
     pb = _problem(source, target, logit_scale, None, None)
-    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
-        raise ValueError(f"group must be a positive int, got {group!r}")
+    check_positive_int("group", group)
     y, dtype, s = pb.y, pb.dtype, pb.s
     dim = y.shape[1]
     eye = torch.eye(dim, dtype=dtype, device=y.device)

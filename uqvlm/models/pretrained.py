@@ -11,6 +11,7 @@ from filelock import FileLock
 
 from uqvlm.cache import atomic_write, cache_key, file_digest
 from uqvlm.console import console
+from uqvlm.errors import ConfigError
 
 # Bump when the shapes world or the training recipe changes: old checkpoints then no longer match.
 RECIPE_VERSION = 1
@@ -46,7 +47,7 @@ def ensure_pretrained(cache_dir: str | Path, **recipe: Any) -> Path:
     }
     unknown = set(recipe) - set(defaults)
     if unknown:
-        raise ValueError(f"model.pretrain has unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+        raise ConfigError(f"model.pretrain has unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
     recipe = {**defaults, **recipe}
     key = cache_key(model=MODEL_NAME, recipe=recipe, version=RECIPE_VERSION, code=_recipe_fingerprint())
     path = Path(cache_dir) / "models" / f"{MODEL_NAME}-shapes-{key}.pt"

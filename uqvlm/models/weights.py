@@ -218,7 +218,7 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         if _schema(source) == "hf-hub":
             repo_id = source[len(HF_HUB_PREFIX) :].strip("/")
             if not repo_id:
-                raise ValueError("empty repo id after 'hf-hub:'")
+                raise ModelNameError("empty repo id after 'hf-hub:'")
             return _resolve_hf_hub(repo_id, cache_dir)
         return _resolve_local_dir(source[len(LOCAL_DIR_PREFIX) :])
 

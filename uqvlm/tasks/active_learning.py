@@ -16,20 +16,20 @@ from typing import Any
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from uqvlm.active.domains import DomainData, build_domain_data
-from uqvlm.active.finetune import FinetuneConfig, embed, finetune_image_layer
-from uqvlm.active.strategies import STRATEGIES, AcquisitionConfig, ActiveProblem, make_generator, select
+from uqvlm.active.finetune import embed, finetune_image_layer
+from uqvlm.active.strategies import STRATEGIES, ActiveProblem, make_generator, select
 from uqvlm.cache import atomic_write, cache_key
 from uqvlm.console import console, progress
-from uqvlm.errors import UqvlmError
+from uqvlm.errors import ConfigError, UqvlmError
 from uqvlm.extraction import encode_prompts
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
 from uqvlm.metrics import evaluate_log_probs
 from uqvlm.results import model_slug, write_results
-from uqvlm.tasks.common import extract_features, load_model, prepare_dirs
+from uqvlm.settings import TARGETED_STRATEGIES, ActiveDataSettings, ActiveLearningSettings, RunSettings
+from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 ZERO_SHOT = "zero-shot"
@@ -66,74 +66,49 @@ def _slug(text: str) -> str:
     return "-".join(str(text).lower().replace("_", " ").split())
 
 
-def dataset_slug(data_cfg: DictConfig) -> str:
+def dataset_slug(data: ActiveDataSettings) -> str:
     """``<data>-<target>`` (``+pool`` when the target's train split is in the pool)."""
-    base = f"{_slug(data_cfg.name)}-{_slug(data_cfg.target)}"
-    return base + ("+pool" if data_cfg.get("include_target_in_pool", False) else "")
+    base = f"{_slug(data.name)}-{_slug(data.target)}"
+    return base + ("+pool" if data.include_target_in_pool else "")
 
 
-def _settings(tcfg: DictConfig) -> tuple[list[str], list[int], list[int]]:
-    strategies = list(tcfg.strategies)
-    if unknown := [s for s in strategies if s not in STRATEGIES]:
-        raise UqvlmError(f"unknown strategies {unknown}; available: {', '.join(STRATEGIES)}")
-    budgets = sorted({int(b) for b in tcfg.budgets})
-    seeds = [int(s) for s in tcfg.seeds]
-    if not strategies or not budgets or not seeds or budgets[0] < 1:
-        raise UqvlmError("task.strategies, task.budgets (positive) and task.seeds must be non-empty")
-    if tcfg.structure not in ("kfac", "diag"):
-        raise UqvlmError(f"task.structure must be 'kfac' or 'diag', got {tcfg.structure!r}")
-    return strategies, budgets, seeds
-
-
-def acquisition_config(tcfg: DictConfig) -> AcquisitionConfig:
-    dtype = {"float64": torch.float64, "float32": torch.float32}.get(str(tcfg.epig.dtype))
-    if dtype is None:
-        raise UqvlmError(f"task.epig.dtype must be float64 or float32, got {tcfg.epig.dtype!r}")
-    scale = tcfg.epig.update_scale
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale != int(scale) or scale < 1:
-        raise UqvlmError(
-            f"task.epig.update_scale must be a positive integer (the data points an acquired image counts as), "
-            f"got {scale!r}"
-        )
-    return AcquisitionConfig(
-        samples=int(tcfg.samples),
-        k_nearest=int(tcfg.k_nearest),
-        distance=str(tcfg.distance),
-        epig_candidates=str(tcfg.epig.candidates),
-        epig_lazy=bool(tcfg.epig.lazy),
-        epig_batch=int(tcfg.epig.batch),
-        epig_update_scale=int(scale),
-        epig_dtype=dtype,
-    )
-
-
-def finetune_config(tcfg: DictConfig) -> FinetuneConfig:
-    f = tcfg.finetune
-    return FinetuneConfig(
-        lr=float(f.lr), weight_decay=float(f.weight_decay), epochs=int(f.epochs), batch_size=int(f.batch_size)
-    )
-
-
-def _load_data(cfg: DictConfig, model, dirs) -> DomainData:
+def _load_data(task: ActiveLearningSettings, model: LoadedModel, dirs: RunDirs) -> DomainData:
     def extractor(ds, what: str) -> tuple[Features, torch.Tensor]:
-        feats = extract_features(cfg, model, dirs, ds, what)
+        feats = extract_features(model, dirs, ds, what)
         return feats["image"], feats["targets"]
 
-    return build_domain_data(cfg.task.data, extractor)
+    return build_domain_data(task.data.section, extractor)
+
+
+def check_budgets(task: ActiveLearningSettings, data: DomainData) -> None:
+    """The largest budget fits the pool, and the pool points the targeted strategies can reach."""
+    budget = task.budgets[-1]
+    if budget > len(data.pool):
+        raise UqvlmError(f"budget {budget} exceeds the pool of {len(data.pool)} images")
+    targets = data.target_labels.numel()
+    targeted = [
+        s
+        for s in task.strategies
+        if s in TARGETED_STRATEGIES and not (s == "epig" and task.epig.candidates == "pool")
+    ]
+    if targeted and budget > task.k_nearest * targets:
+        raise ConfigError(
+            f"budget {budget} exceeds the {task.k_nearest * targets} pool points that {', '.join(targeted)} "
+            f"can reach (task.k_nearest={task.k_nearest} per each of {targets} target points): raise "
+            "task.k_nearest or lower task.budgets"
+        )
 
 
 class Evaluator:
     """Test metrics of a last layer: MAP and BayesVLM predictives on the target test split."""
 
-    def __init__(self, cfg: DictConfig, data: DomainData, text: Features, vlm, posts: dict[str, Any]):
+    def __init__(self, settings: RunSettings, data: DomainData, text: Features, vlm, posts: dict[str, Any]):
+        task = settings.task
         self.data, self.text, self.posts = data, text, posts
         self.scale, self.bias = vlm.logit_scale, vlm.logit_bias
-        self.ece_bins = int(cfg.task.ece_bins)
+        self.ece_bins = task.ece_bins
         self.method = BayesVLM(
-            structure=cfg.task.structure,
-            predictive=cfg.posterior.predictive,
-            samples=int(cfg.posterior.mc_samples),
-            seed=int(cfg.seed),
+            structure=task.structure, predictive=task.predictive, samples=task.mc_samples, seed=settings.seed
         )
         self.ctx = ZeroShotContext(
             logit_scale=self.scale,
@@ -141,7 +116,7 @@ class Evaluator:
             image=data.target,
             labels=data.target_labels,
             text=text,
-            posterior_cfg=cfg.posterior,
+            posterior=settings.posterior,
             validation_provider=lambda: (data.val, data.val_labels),
             views_provider=self._no_views,
             posterior_provider=lambda _structure: posts,
@@ -238,29 +213,35 @@ def _subset(feats: Features, idx: torch.Tensor) -> Features:
     )
 
 
-def _setup_key(cfg: DictConfig, model, data: DomainData, posts: dict[str, Any], post_ident: dict) -> str:
+def _setup_key(
+    settings: RunSettings, model: LoadedModel, data: DomainData, posts: dict[str, Any], post_ident: dict
+) -> str:
     """Everything that determines a row except the loop lists (strategies, budgets, seeds)."""
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+    config = settings.config
     return cache_key(
         model=model.identity,
         data=data.fingerprint,
         posterior=post_ident,
         prior={t: (p.n, p.prior_precision) for t, p in posts.items()},
-        predictive=OmegaConf.to_container(cfg.posterior, resolve=True),
-        task={k: v for k, v in task.items() if k not in ("strategies", "budgets", "seeds")},
+        posterior_settings=config["posterior"],
+        task={k: v for k, v in config["task"].items() if k not in ("strategies", "budgets", "seeds")},
     )
 
 
-def run(cfg: DictConfig) -> pd.DataFrame:
-    dirs = prepare_dirs(cfg)
-    tcfg = cfg.task
-    strategies, budgets, seeds = _settings(tcfg)
-    acq, ft_cfg = acquisition_config(tcfg), finetune_config(tcfg)
-    model = load_model(cfg, dirs)
+def finished_record(settings: RunSettings) -> Path | None:
+    """None: every job adds its rows to its setup's table, so none is skipped."""
+    return None
+
+
+def run(settings: RunSettings) -> TaskResult:
+    task = settings.task
+    dirs = prepare_dirs(settings.paths)
+    strategies, budgets, seeds = task.strategies, task.budgets, task.seeds
+    acq, ft_cfg = task.acquisition(), task.finetune
+    model = load_model(settings, dirs)
     vlm = model.vlm
-    data = _load_data(cfg, model, dirs)
-    if budgets[-1] > len(data.pool):
-        raise UqvlmError(f"budget {budgets[-1]} exceeds the pool of {len(data.pool)} images")
+    data = _load_data(task, model, dirs)
+    check_budgets(task, data)
     prompts = [[t.format(c=c) for t in data.templates] for c in data.classnames]
     text = encode_prompts(
         vlm,
@@ -269,8 +250,8 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         model_id=model.identity,
         precision=model.precision,
     )
-    posts, post_ident = fit_posteriors(cfg, model, dirs, tcfg.structure)
-    evaluate = Evaluator(cfg, data, text, vlm, posts)  # sets n and the prior precision first
+    posts, post_ident = fit_posteriors(settings.hessian_data, model, dirs, task.structure)
+    evaluate = Evaluator(settings, data, text, vlm, posts)  # sets n and the prior precision first
     problem = ActiveProblem(
         data.pool, data.target, text, vlm.logit_scale, vlm.logit_bias, posts["image"], posts["text"]
     )
@@ -286,17 +267,17 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     rows = [{**row0, "select_s": 0.0, "finished": time.time()}]
     selections: dict[str, dict[str, list[int]]] = {}
     with progress() as bar:
-        task = bar.add_task("active learning", total=len(strategies) * len(seeds) * (1 + len(budgets)))
+        bar_task = bar.add_task("active learning", total=len(strategies) * len(seeds) * (1 + len(budgets)))
         for strategy in strategies:
             for seed in seeds:
-                bar.update(task, description=f"{strategy} seed {seed}: selecting")
+                bar.update(bar_task, description=f"{strategy} seed {seed}: selecting")
                 start = time.perf_counter()
                 sel = select(problem, strategy, budgets[-1], seed, acq)
                 select_s = time.perf_counter() - start
                 selections.setdefault(strategy, {})[str(seed)] = sel.indices.tolist()
-                bar.advance(task)
+                bar.advance(bar_task)
                 for budget in budgets:
-                    bar.update(task, description=f"{strategy} seed {seed}: fine-tuning on {budget}")
+                    bar.update(bar_task, description=f"{strategy} seed {seed}: fine-tuning on {budget}")
                     idx = sel.indices[:budget]
                     result = finetune_image_layer(
                         map_layer,
@@ -319,11 +300,11 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                             "finished": time.time(),
                         }
                     )
-                    bar.advance(task)
+                    bar.advance(bar_task)
 
-    out_dir = dirs.results / "active_learning" / dataset_slug(tcfg.data)
-    stem = model_slug(cfg.model)
-    rows_dir = out_dir / f"{stem}.rows" / _setup_key(cfg, model, data, posts, post_ident)
+    out_dir = dirs.results / "active_learning" / dataset_slug(task.data)
+    stem = model_slug(settings.model)
+    rows_dir = out_dir / f"{stem}.rows" / _setup_key(settings, model, data, posts, post_ident)
     job = cache_key(strategies=strategies, budgets=budgets, seeds=seeds)[:12]
     with atomic_write(rows_dir / f"{job}.csv", "w") as f:
         pd.DataFrame(rows, columns=ROW_COLUMNS).to_csv(f, index=False, float_format="%.6f")
@@ -338,14 +319,14 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         )
 
     table = aggregate(read_rows(rows_dir))
-    title = f"active learning {dataset_slug(tcfg.data)} / {cfg.model.name}"
+    title = f"active learning {dataset_slug(task.data)} / {settings.model.name}"
     provenance = {
         "job_rows": str(rows_dir),
         "posterior": post_ident,
         "model": model.identity,
         "columns": "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; std over seeds (ddof=0)",
     }
-    write_results(table, out_dir, stem, title=title, cfg=cfg, provenance=provenance)
+    paths = write_results(table, out_dir, stem, title=title, config=settings.config, provenance=provenance)
     plot_curves(table, out_dir / f"{stem}.png", title)
     console.print(f"learning curves: {out_dir / f'{stem}.png'}")
-    return table
+    return TaskResult(table, None, paths["record"])

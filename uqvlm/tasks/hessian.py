@@ -12,12 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build
+from uqvlm.config_utils import require_set
 from uqvlm.console import console, progress
-from uqvlm.errors import UqvlmError
-from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features, load_model, prepare_dirs
+from uqvlm.data.registry import build_pair_dataset
+from uqvlm.data.sections import HessianDataSettings, PublishedFactorsSettings
+from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError, UqvlmError
+from uqvlm.laplace import KFACPosterior, Laplace, load_published_factors
+from uqvlm.laplace.base import LastLayerPosterior
+from uqvlm.settings import RunSettings
+from uqvlm.tasks.common import (
+    LoadedModel,
+    RunDirs,
+    TaskResult,
+    extract_features,
+    load_model,
+    prepare_dirs,
+)
 
 TOWERS = ("image", "text")
 
@@ -31,16 +43,21 @@ def _heads(vlm) -> dict[str, Any]:
     return {"image": vlm.image_head, "text": vlm.text_head}
 
 
-def _published_posteriors(hcfg: DictConfig, model: LoadedModel, structure: str) -> dict[str, Any]:
-    from uqvlm.laplace import KFACPosterior
-    from uqvlm.laplace.reference import load_published_factors
-
-    if structure != "kfac":
-        raise ValueError(
+def _published_posteriors(
+    published: PublishedFactorsSettings, model: LoadedModel, structure: str
+) -> dict[str, Any]:
+    if structure != KFACPosterior.structure:
+        raise ConfigError(
             f"hessian_data=published provides KFAC factors only; posterior structure {structure!r} "
             "needs Hessian data (e.g. hessian_data=laion400m)"
         )
-    factors = load_published_factors(hcfg.dir)
+    require_set(published.section, "hessian_data")
+    try:
+        factors = load_published_factors(published.dir)
+    except FileNotFoundError as err:
+        raise DataUnavailableError(f"hessian_data.dir={published.dir}: {err}") from err
+    except ValueError as err:  # factors of the wrong shape or kind in the user's directory
+        raise DatasetFormatError(f"hessian_data.dir={published.dir}: {err}") from err
     heads = _heads(model.vlm)
     posts = {}
     for tower, short in (("image", "img"), ("text", "txt")):
@@ -51,32 +68,27 @@ def _published_posteriors(hcfg: DictConfig, model: LoadedModel, structure: str) 
             )
         except ValueError as err:
             raise UqvlmError(
-                f"the published factors in {hcfg.dir} do not fit {model.identity['name']}'s {tower} "
+                f"the published factors in {published.dir} do not fit {model.identity['name']}'s {tower} "
                 f"last layer ({err})"
             ) from None
     return posts
 
 
 def fit_posteriors(
-    cfg: DictConfig, model: LoadedModel, dirs: RunDirs, structure: str
+    hessian_data: HessianDataSettings, model: LoadedModel, dirs: RunDirs, structure: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The image and text posteriors of ``structure`` (kfac | diag), from the cache or estimated now.
+    """The image and text posteriors of ``structure`` (kfac | diag), from the cache or estimated now from
+    the pairs of ``hessian_data`` (or the published factors).
 
     Returns the posteriors and the cache identity they were built from.
     """
-    from uqvlm.laplace import Laplace
-    from uqvlm.laplace.base import LastLayerPosterior
-
-    hcfg = cfg.hessian_data
-    if hcfg.kind == "published":
-        return _published_posteriors(hcfg, model, structure), {"published": str(hcfg.dir)}
-
-    from uqvlm.data.registry import build_pair_dataset
+    if isinstance(hessian_data, PublishedFactorsSettings):
+        return _published_posteriors(hessian_data, model, structure), {"published": str(hessian_data.dir)}
 
     vlm = model.vlm
-    pairs = build_pair_dataset(hcfg)
+    pairs = build_pair_dataset(hessian_data.section)
     likelihood = likelihood_of(vlm)
-    class_batch = int(hcfg.class_batch)
+    class_batch = hessian_data.class_batch
     ident = {
         "model": model.identity,
         "data": pairs.fingerprint(),
@@ -92,7 +104,7 @@ def fit_posteriors(
     heads = _heads(vlm)
 
     def build() -> dict[str, Any]:
-        feats = extract_features(cfg, model, dirs, pairs, f"{hcfg.name} pairs")
+        feats = extract_features(model, dirs, pairs, f"{hessian_data.name} pairs")
         sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
         posts = {t: Laplace(heads[t], structure=structure) for t in TOWERS}
         n = len(pairs)
@@ -117,7 +129,13 @@ def fit_posteriors(
         return {"meta": {"key": key}, "ident": ident, **{t: posts[t].state_dict() for t in TOWERS}}
 
     entry = get_or_build(path, build, {"key": key})
-    posts = {t: LastLayerPosterior.from_state_dict(entry[t]) for t in TOWERS}
+    try:
+        posts = {t: LastLayerPosterior.from_state_dict(entry[t]) for t in TOWERS}
+    except (KeyError, ValueError) as err:  # an entry another uqvlm version wrote
+        raise UqvlmError(
+            f"the cached {structure} posterior {path} cannot be read ({err}); delete it (or the cache "
+            "directory) and run again"
+        ) from err
     for tower, post in posts.items():
         # The key covers the checkpoint's bytes; this guards against a cache copied between models.
         if not torch.equal(post.last_layer.weight.double(), heads[tower].weight.detach().double().cpu()):
@@ -128,16 +146,18 @@ def fit_posteriors(
     return posts, ident
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def finished_record(settings: RunSettings) -> Path | None:
+    """None: the posteriors' own cache makes a re-run cheap, and there is no run record to skip by."""
+    return None
+
+
+def run(settings: RunSettings) -> TaskResult:
     """``task=hessian``: estimate and cache the posteriors of every configured structure."""
-    dirs = prepare_dirs(cfg)
-    model = load_model(cfg, dirs)
-    structures = list(cfg.posterior.structures) or ["kfac"]
-    out = {}
-    for structure in structures:
-        posts, ident = fit_posteriors(cfg, model, dirs, structure)
-        out[structure] = ident
+    dirs = prepare_dirs(settings.paths)
+    model = load_model(settings, dirs)
+    for structure in settings.task.fitted_structures(settings.posterior):
+        posts, _ident = fit_posteriors(settings.hessian_data, model, dirs, structure)
         for tower, post in posts.items():
             console.print(f"{structure} {tower}: {post!r}")
     console.print(f"posteriors cached under {dirs.cache / 'posteriors'}")
-    return {"config": OmegaConf.to_container(cfg, resolve=True), "posteriors": out}
+    return TaskResult()

@@ -1,73 +1,51 @@
-"""The keys each config group may hold, declared once; any other key is a typo and stops the run.
+"""The keys each config group may hold: the fields of its settings (``uqvlm.settings``); any other key
+is a typo and stops the run.
 
 ``check_config_keys`` walks the model, dataset, hessian_data, posterior and task sections of a composed
 config before any compute. Dataset sections take their constructor's arguments plus the keys the tasks
 read (``uqvlm.data.registry``); ``task.methods`` entries take their ``_target_``'s constructor
-arguments; every other section is declared here. A key added to a shipped YAML must be declared here
-too (tests/test_configs.py checks every shipped option).
+arguments; every other section takes the fields of its settings class, a dataclass field being a
+sub-section (tests/test_configs.py checks every shipped option).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator
-from enum import Enum
-from typing import Any
+from dataclasses import fields, is_dataclass
+from functools import cache
+from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
 from uqvlm.data.registry import constructor_keys, pair_dataset_keys, zeroshot_dataset_keys
 from uqvlm.errors import UqvlmError
+from uqvlm.settings import TASK_SETTINGS, ModelSettings, PosteriorSettings, Schema
 from uqvlm.validation import check_keys
 
-MODEL_KEYS = frozenset({"name", "pretrained", "precision", "batch_size", "pretrain"})
-POSTERIOR_KEYS = frozenset(
-    {"structures", "n", "prior_precision", "evidence_variant", "predictive", "mc_samples"}
-)
 # (dotted path, the section, the keys it may hold: None for any)
 Section = tuple[str, DictConfig, frozenset[str] | None]
+# Keys that moved to the one task that reads them: where they are now.
+MOVED_KEYS = {
+    "posterior.predictive": "task.predictive (task=active_learning; zero-shot: task.methods.<name>.predictive)",
+    "posterior.mc_samples": "task.mc_samples (task=active_learning; zero-shot: task.methods.<name>.samples)",
+}
 # Hydra's instantiate keys, allowed in every ``_target_`` spec.
 INSTANTIATE_KEYS = frozenset({"_target_", "_args_", "_recursive_", "_convert_", "_partial_"})
 
 
-class Schema(Enum):
-    """Sections whose keys are not listed here."""
-
-    DATASET = "a dataset section: its kind's constructor arguments plus the tasks' keys"
-    METHODS = "method name -> a _target_ spec: its constructor's arguments"
-    DOMAINS = "domain name -> a dataset section merged over task.data.common"
-
-
-_SPLITS = {"train": None, "val": None, "test": None}
-# A nested dict is a section with its own keys; None is a value of any type.
-TASK_KEYS: dict[str, dict[str, Any]] = {
-    "zeroshot": {"name": None, "ece_bins": None, "methods": Schema.METHODS, "plots": None, "objective": None},
-    "hessian": {"name": None},
-    "active_learning": {
-        "name": None,
-        "data": {
-            "name": None,
-            "root": None,
-            "target": None,
-            "common": Schema.DATASET,  # before the domains, which inherit its kind
-            "domains": Schema.DOMAINS,
-            "pool": None,
-            "include_target_in_pool": None,
-            "splits": {"by": None, "seed": None, "fractions": _SPLITS},
-            "sizes": _SPLITS,
-        },
-        "strategies": None,
-        "budgets": None,
-        "seeds": None,
-        "structure": None,
-        "samples": None,
-        "k_nearest": None,
-        "distance": None,
-        "epig": {"candidates": None, "lazy": None, "batch": None, "update_scale": None, "dtype": None},
-        "finetune": {"lr": None, "weight_decay": None, "epochs": None, "batch_size": None},
-        "ece_bins": None,
-    },
-}
+@cache
+def settings_keys(cls: type) -> dict[str, Any]:
+    """The keys of a section typed by the dataclass ``cls``: key -> None (a value of any type), the keys
+    of its sub-section (a dataclass field), or a ``Schema`` (keys declared elsewhere)."""
+    hints = get_type_hints(cls)
+    spec: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.metadata.get("whole_section"):
+            continue
+        hint = hints[f.name]
+        spec[f.name] = f.metadata.get("schema") or (settings_keys(hint) if is_dataclass(hint) else None)
+    return spec
 
 
 def _child(node: DictConfig, key: str) -> Any:
@@ -128,23 +106,31 @@ def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section
 
 def config_sections(cfg: DictConfig) -> Iterator[Section]:
     """(path, section, the keys it may hold or None for any) of every checked section of ``cfg``."""
-    yield "model", cfg.model, MODEL_KEYS
+    yield "model", cfg.model, frozenset(settings_keys(ModelSettings))
     yield "dataset", cfg.dataset, _kind_keys("dataset", cfg.dataset.get("kind"), zeroshot_dataset_keys)
     yield (
         "hessian_data",
         cfg.hessian_data,
         _kind_keys("hessian_data", cfg.hessian_data.get("kind"), pair_dataset_keys),
     )
-    yield "posterior", cfg.posterior, POSTERIOR_KEYS
-    spec = TASK_KEYS.get(cfg.task.get("name"))
-    if spec is not None:  # an unknown task is reported by the CLI
-        yield from _walk("task", cfg.task, spec)
+    yield "posterior", cfg.posterior, frozenset(settings_keys(PosteriorSettings))
+    task = TASK_SETTINGS.get(cfg.task.get("name"))
+    if task is not None:  # an unknown task is reported with the settings
+        yield from _walk("task", cfg.task, settings_keys(task))
+
+
+def moved_key_message(path: str) -> str | None:
+    """Where the key at the dotted ``path`` is now, if it moved; else None."""
+    return f"{path} is now {MOVED_KEYS[path]}" if path in MOVED_KEYS else None
 
 
 def check_config_keys(cfg: DictConfig) -> None:
-    """Stop on any key nothing reads, naming it and the closest known key."""
+    """Stop on any key nothing reads, naming it and the closest known key (or where it moved)."""
     for path, node, allowed in config_sections(cfg):
         if allowed is not None:
+            for key in node.keys():
+                if key not in allowed and (moved := moved_key_message(f"{path}.{key}")):
+                    raise UqvlmError(moved)
             check_keys(path, node.keys(), allowed)
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
@@ -18,33 +16,34 @@ from uqvlm.extraction import encode_prompts
 from uqvlm.methods import BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likelihood
 from uqvlm.results import model_slug, record_path, write_results
-from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features, load_model, prepare_dirs
+from uqvlm.settings import RunSettings
+from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 
 
-def output_location(cfg: DictConfig) -> tuple[Path, str]:
-    return Path(cfg.paths.results_dir) / "zeroshot" / cfg.dataset.name, model_slug(cfg.model)
+def output_location(settings: RunSettings) -> tuple[Path, str]:
+    return Path(settings.paths.results_dir) / "zeroshot" / settings.dataset.name, model_slug(settings.model)
 
 
-def finished_record(cfg: DictConfig) -> Path | None:
+def finished_record(settings: RunSettings) -> Path | None:
     """The run record of this exact config, if a previous run finished it."""
-    path = record_path(*output_location(cfg), cfg)
+    path = record_path(*output_location(settings), settings.config)
     return path if path.exists() else None
 
 
-def selected_methods(cfg: DictConfig) -> dict[str, Method]:
+def selected_methods(settings: RunSettings) -> dict[str, Method]:
     """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out."""
-    structures = set(cfg.posterior.structures)
-    methods = {name: instantiate(spec) for name, spec in cfg.task.methods.items()}
+    structures = set(settings.task.fitted_structures(settings.posterior))
+    methods = settings.task.methods
     return {name: m for name, m in methods.items() if m.structure is None or m.structure in structures}
 
 
-def _features(cfg: DictConfig, model: LoadedModel, dirs: RunDirs, dataset, what: str):
-    feats = extract_features(cfg, model, dirs, dataset, what)
+def _features(dataset_name: str, model: LoadedModel, dirs: RunDirs, dataset, what: str):
+    feats = extract_features(model, dirs, dataset, what)
     labels = feats["targets"]
     if int(labels.max()) >= len(dataset.classnames) or int(labels.min()) < 0:
         raise DatasetFormatError(
-            f"dataset {cfg.dataset.name!r} ({what}) has labels in [{int(labels.min())}, {int(labels.max())}] "
+            f"dataset {dataset_name!r} ({what}) has labels in [{int(labels.min())}, {int(labels.max())}] "
             f"but {len(dataset.classnames)} class names"
         )
     return feats["image"], labels
@@ -81,7 +80,7 @@ def validation_nll(ctx: ZeroShotContext, methods: dict[str, Method]) -> float:
     return float(negative_log_likelihood(log_probs, val_labels))
 
 
-def label_use(cfg: DictConfig, method: Method) -> str | None:
+def label_use(objective: str | None, method: Method) -> str | None:
     """Why a method's row depends on labels of the evaluated dataset (after it predicted), else None.
 
     Beside methods fitted on the validation split, a BayesVLM row whose settings a sweep selected by
@@ -90,7 +89,6 @@ def label_use(cfg: DictConfig, method: Method) -> str | None:
     reasons = []
     if method.uses_labels:
         reasons.append("fitted on the labelled validation split")
-    objective = cfg.task.get("objective")
     if objective and isinstance(method, BayesVLM):
         reasons.append(
             f"posterior settings chosen by a sweep minimising task.objective={objective} on the validation split"
@@ -98,16 +96,17 @@ def label_use(cfg: DictConfig, method: Method) -> str | None:
     return "; ".join(reasons) or None
 
 
-def run(cfg: DictConfig) -> pd.DataFrame:
-    dirs = prepare_dirs(cfg)
-    methods = selected_methods(cfg)
+def run(settings: RunSettings) -> TaskResult:
+    task, data = settings.task, settings.dataset
+    dirs = prepare_dirs(settings.paths)
+    methods = selected_methods(settings)
     # The dataset first: a missing dataset is reported before a model is loaded (or pretrained).
-    dataset = build_zeroshot_dataset(cfg.dataset)
+    dataset = build_zeroshot_dataset(data.section)
     if len(dataset) == 0:
-        raise DataUnavailableError(f"dataset {cfg.dataset.name!r} (split {dataset.split!r}) is empty")
-    model = load_model(cfg, dirs)
+        raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
+    model = load_model(settings, dirs)
     vlm = model.vlm
-    image, labels = _features(cfg, model, dirs, dataset, f"{cfg.dataset.name} {dataset.split}")
+    image, labels = _features(data.name, model, dirs, dataset, f"{data.name} {dataset.split}")
     text = encode_prompts(
         vlm,
         dataset.prompts(),
@@ -117,19 +116,19 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     )
 
     def validation():
-        split = cfg.dataset.get("val_split")
+        split = data.val_split
         if not split:
             raise DatasetFormatError(
-                f"dataset {cfg.dataset.name!r} has no val_split; methods fitted on labels need one "
+                f"dataset {data.name!r} has no val_split; methods fitted on labels need one "
                 "(set dataset.val_split=... or drop them from task.methods)"
             )
-        val = build_zeroshot_dataset(OmegaConf.merge(cfg.dataset, {"split": split}))
-        return _features(cfg, model, dirs, val, f"{cfg.dataset.name} {split}")
+        val = build_zeroshot_dataset(data.split(split))
+        return _features(data.name, model, dirs, val, f"{data.name} {split}")
 
     def views(k: int):
         return [
             _features(
-                cfg, model, dirs, AugmentedView(dataset, v, seed=int(cfg.seed)), f"tta view {v + 1}/{k}"
+                data.name, model, dirs, AugmentedView(dataset, v, seed=settings.seed), f"tta view {v + 1}/{k}"
             )[0]
             for v in range(k)
         ]
@@ -138,7 +137,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     @cache
     def posteriors(structure: str):
-        posts, ident = fit_posteriors(cfg, model, dirs, structure)
+        posts, ident = fit_posteriors(settings.hessian_data, model, dirs, structure)
         provenance["posteriors"][structure] = ident
         return posts
 
@@ -148,16 +147,16 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         image=image,
         labels=labels,
         text=text,
-        posterior_cfg=cfg.posterior,
+        posterior=settings.posterior,
         validation_provider=validation,
         views_provider=views,
         posterior_provider=posteriors,
     )
-    ece_bins = int(cfg.task.ece_bins)
+    ece_bins = task.ece_bins
     rows, log_probs, label_uses = [], {}, {}
     for name, method in methods.items():
         log_probs[name] = method.predict_log_probs(ctx)
-        reason = label_use(cfg, method)
+        reason = label_use(task.objective, method)
         if reason:
             label_uses[name] = reason
         rows.append(
@@ -170,15 +169,16 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["method", *METRIC_COLUMNS, "n", "uses_labels"])
     provenance["notes"] = ctx.notes
     provenance["label_use"] = label_uses
-    directory, stem = output_location(cfg)
-    title = f"zero-shot {cfg.dataset.name} / {cfg.model.name}"
-    if cfg.task.get("objective") == "val_nll":
-        provenance["objective"] = table.attrs["objective"] = validation_nll(ctx, methods)
-        console.print(f"objective (validation NLL): {table.attrs['objective']:.5f}")
-    if cfg.task.get("plots", True):
+    directory, stem = output_location(settings)
+    title = f"zero-shot {data.name} / {settings.model.name}"
+    objective = None
+    if task.objective == "val_nll":
+        provenance["objective"] = objective = validation_nll(ctx, methods)
+        console.print(f"objective (validation NLL): {objective:.5f}")
+    if task.plots:
         write_plots(log_probs, labels, dataset, directory, stem, title, ece_bins)
     # The record last: its presence means the run finished (a re-launched sweep skips it).
-    write_results(table, directory, stem, title=title, cfg=cfg, provenance=provenance)
+    paths = write_results(table, directory, stem, title=title, config=settings.config, provenance=provenance)
     for name, reason in label_uses.items():
-        console.print(f"uses_labels ({cfg.dataset.name}) {name}: {reason}")
-    return table
+        console.print(f"uses_labels ({data.name}) {name}: {reason}")
+    return TaskResult(table, objective, paths["record"])

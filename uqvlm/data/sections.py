@@ -1,0 +1,113 @@
+"""The ``dataset`` and ``hessian_data`` config sections as typed settings.
+
+A data section holds the keys the tasks read (the fields below, except ``section``) beside its kind's
+constructor arguments. :mod:`uqvlm.data.registry` takes exactly these two sets of keys and refuses any
+other, so the fields here are the one declaration of the tasks' keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from uqvlm.errors import ConfigError
+from uqvlm.validation import check_positive_int
+
+# Metadata of the field that keeps a whole section (for the registry); it is not a key of the section.
+WHOLE_SECTION = {"whole_section": True}
+
+
+def task_keys(cls: type) -> frozenset[str]:
+    """The keys a section typed by the dataclass ``cls`` holds for the tasks (its fields but the whole)."""
+    return frozenset(f.name for f in fields(cls) if not f.metadata.get("whole_section"))
+
+
+def plain_section(node: Any, path: str) -> dict[str, Any]:
+    """A config section as a plain dict, interpolations resolved; unset mandatory values stay ``???``
+    (a data section's loader names them when it needs them)."""
+    if isinstance(node, DictConfig):
+        try:
+            node = OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{path} must be a section of keys, got {node!r}")
+    return dict(node)
+
+
+def _required(section: Mapping[str, Any], path: str, key: str) -> Any:
+    if section.get(key) is None:
+        raise ConfigError(f"{path}.{key} is not set")
+    return section[key]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSettings:
+    """A ``dataset`` section: ``name`` names the results, ``val_split`` is the labelled split of methods
+    fitted on labels, ``section`` the whole section for the registry."""
+
+    name: str
+    kind: str
+    val_split: str | None = None
+    section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
+
+    @classmethod
+    def from_section(cls, node: Any, path: str = "dataset") -> DatasetSettings:
+        section = plain_section(node, path)
+        return cls(
+            name=str(_required(section, path, "name")),
+            kind=str(_required(section, path, "kind")),
+            val_split=section.get("val_split"),
+            section=section,
+        )
+
+    def split(self, split: str) -> dict[str, Any]:
+        """The section for another split of the same data."""
+        return {**self.section, "split": split}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairDataSettings:
+    """A ``hessian_data`` section of image-caption pairs: ``class_batch`` pairs per contrastive class batch
+    (the targets of a source are the other modality's embeddings of the same batch)."""
+
+    name: str
+    kind: str
+    class_batch: int
+    section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "class_batch", check_positive_int("hessian_data.class_batch", self.class_batch, ConfigError)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishedFactorsSettings:
+    """``hessian_data=published``: the published BayesVLM KFAC factors in ``dir`` (``???`` until set:
+    ``config_utils.require_set`` names it where the factors are read)."""
+
+    KIND = "published"
+
+    name: str
+    kind: str
+    dir: str | None = None
+    section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
+
+
+HessianDataSettings = PairDataSettings | PublishedFactorsSettings
+
+
+def hessian_data_settings(node: Any, path: str = "hessian_data") -> HessianDataSettings:
+    """The typed ``hessian_data`` section: published factors or image-caption pairs, by its ``kind``."""
+    section = plain_section(node, path)
+    name, kind = str(_required(section, path, "name")), str(_required(section, path, "kind"))
+    if kind == PublishedFactorsSettings.KIND:
+        return PublishedFactorsSettings(name=name, kind=kind, dir=section.get("dir"), section=section)
+    return PairDataSettings(
+        name=name, kind=kind, class_batch=_required(section, path, "class_batch"), section=section
+    )
