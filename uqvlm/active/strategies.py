@@ -32,7 +32,9 @@ from uqvlm.laplace.base import LastLayerPosterior
 from uqvlm.methods import cosine_logits
 
 __all__ = [
+    "EPIG_CANDIDATES",
     "STRATEGIES",
+    "TARGETED_STRATEGIES",
     "AcquisitionConfig",
     "ActiveProblem",
     "Selection",
@@ -42,6 +44,11 @@ __all__ = [
 ]
 
 STRATEGIES = ("random", "random-targeted", "entropy", "entropy-targeted", "bald", "epig")
+# The strategies that pick the pool points nearest the target points (EPIG: with ``targeted`` candidates),
+# as ``select`` runs them: a budget beyond k_nearest per target point is out of reach.
+TARGETED_STRATEGIES = ("random-targeted", "entropy-targeted", "bald", "epig")
+# EPIG's candidate sets (``epig_candidates``): the pool points nearest the targets, or the whole pool.
+EPIG_CANDIDATES = ("targeted", "pool")
 
 
 def make_generator(seed: int, *parts: str) -> torch.Generator:
@@ -158,10 +165,12 @@ def _image_samples(
 def epig_candidates(problem: ActiveProblem, cfg: AcquisitionConfig) -> Tensor:
     """EPIG's candidate pool: ``targeted``: every target point (in index order) takes its k nearest pool
     points not taken yet, so there are min(k M, N) distinct candidates; ``pool``: the whole pool."""
+    if cfg.epig_candidates not in EPIG_CANDIDATES:
+        raise ValueError(
+            f"epig candidates must be {' or '.join(map(repr, EPIG_CANDIDATES))}, got {cfg.epig_candidates!r}"
+        )
     if cfg.epig_candidates == "pool":
         return torch.arange(len(problem.pool))
-    if cfg.epig_candidates != "targeted":
-        raise ValueError(f"epig candidates must be 'targeted' or 'pool', got {cfg.epig_candidates!r}")
     count = min(cfg.k_nearest * len(problem.target), len(problem.pool))
     picks, _ = assign_nearest_unused(
         *problem.target_gaussians,
