@@ -56,6 +56,29 @@ def tiny_checkpoint(test_cache: Path) -> Path:
 
 
 @pytest.fixture
+def connections(monkeypatch):
+    """Every TCP connection the test attempts, each refused at once as on a machine without network; the
+    hub's reachability probe is forgotten first, so it runs (and is counted) again. Fail-fast checks count
+    these instead of timing the test."""
+    import errno
+    import socket
+
+    from uqvlm import hub
+
+    attempts: list = []
+
+    def refuse(self, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(errno.ENETUNREACH, "network is unreachable (tests)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    hub.reachable.cache_clear()
+    yield attempts
+    hub.reachable.cache_clear()
+
+
+@pytest.fixture
 def one_thread():
     # Two intra-op threads on the shared 2-core machine ran 10-30x slower than one, on small tensors.
     import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from pathlib import Path
 
 import open_clip
@@ -74,16 +73,14 @@ def case(request):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     kwargs, img_head, txt_head, has_res = CASES[request.param]
-    t0 = time.perf_counter()
     vlm = load_vlm(request.param, None, **kwargs)
-    build_s = time.perf_counter() - t0
-    yield request.param, vlm, img_head, txt_head, has_res, build_s
+    yield request.param, vlm, img_head, txt_head, has_res
     del vlm
     gc.collect()
 
 
 def test_image_tower_is_split_exactly(case):
-    name, vlm, img_head, _, has_res, _ = case
+    name, vlm, img_head, _, has_res = case
     assert vlm.image_head_name == img_head
     x = torch.randn(1, 3, _image_size(vlm), _image_size(vlm), generator=torch.Generator().manual_seed(1))
     f = vlm.encode_images(x)
@@ -121,13 +118,12 @@ def test_text_tower_is_split_exactly(case):
 
 
 def test_scalars_and_projection_restored(case):
-    name, vlm, _, _, _, build_s = case
+    name, vlm, _, _, _ = case
     assert vlm.logit_scale == pytest.approx(float(vlm.model.logit_scale.detach()))
     assert (vlm.logit_bias is not None) == ("SigLIP" in name)
     if hasattr(vlm.model.visual, "proj"):  # the Parameter removed during capture is back, and registered
         assert isinstance(vlm.model.visual.proj, torch.nn.Parameter)
         assert any(n == "visual.proj" for n, _ in vlm.model.named_parameters())
-    assert build_s < 120
 
 
 @pytest.mark.skipif(not HAVE_TINY, reason="uqvlm.models.tiny is not present")
@@ -174,44 +170,37 @@ def test_missing_checkpoint_file(tmp_path):
         load_vlm("ViT-B-32", str(tmp_path / "nope.bin"))
 
 
-def test_offline_tag_fails_fast(monkeypatch, tmp_path):
+def test_offline_tag_fails_fast(monkeypatch, tmp_path, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    t0 = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as err:
         load_vlm("ViT-B-32", "laion2b_s34b_b79k")
-    assert time.perf_counter() - t0 < 10
+    assert connections == []  # offline: not even a probe
     msg = str(err.value)
     assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in msg and "huggingface-cli download" in msg
     assert "model.pretrained=" in msg
 
 
-def test_offline_hf_hub_fails_fast(monkeypatch, tmp_path):
+def test_offline_hf_hub_fails_fast(monkeypatch, tmp_path, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    t0 = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="timm/ViT-B-16-SigLIP-256"):
         load_vlm("ViT-B-16-SigLIP-256", "hf-hub:timm/ViT-B-16-SigLIP-256")
-    assert time.perf_counter() - t0 < 10
+    assert connections == []
 
 
-def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path):
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, tmp_path, connections):
     from huggingface_hub import constants
 
-    from uqvlm import hub
-
-    if hub.reachable(constants.ENDPOINT):
-        pytest.skip("the hub is reachable from here")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    t0 = time.perf_counter()
     with pytest.raises(WeightsUnavailableError):
         load_vlm("ViT-B-32", "laion2b_s34b_b79k")
-    assert time.perf_counter() - t0 < 10
+    assert len(connections) <= 1  # at most one reachability probe, then offline: no retry loops
 
 
 # A fake hub cache holding a tiny model, to check the cache paths without the network.

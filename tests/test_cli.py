@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,6 @@ def test_unknown_option_lists_available():
 def test_unwritable_directory_fails_before_compute(tmp_path, which):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    start = time.perf_counter()
     out = uqvlm(
         "run",
         f"paths.{which}_dir={blocker}/sub",
@@ -62,7 +60,6 @@ def test_unwritable_directory_fails_before_compute(tmp_path, which):
     assert f"The {which} directory" in out.stdout and "not writable" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
     assert not (tmp_path / "cache" / "models").exists(), "nothing may be computed before the check"
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
-import time
 from pathlib import Path
 
 import datasets
@@ -177,11 +176,10 @@ def test_hf_webdataset_repo_with_files(tmp_path):
     assert img.mode == "RGB" and label == 1
 
 
-def test_offline_hub_id_fails_fast():
-    t0 = time.perf_counter()
+def test_offline_hub_id_fails_fast(connections):
     with pytest.raises(DataUnavailableError) as err:
         HFZeroShot("clip-benchmark/wds_no-such-dataset", "test")
-    assert time.perf_counter() - t0 < 10
+    assert connections == []  # offline: not even a probe
     msg = str(err.value)
     assert (
         "clip-benchmark/wds_no-such-dataset" in msg
@@ -190,20 +188,15 @@ def test_offline_hub_id_fails_fast():
     )
 
 
-def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch, connections):
     from huggingface_hub import constants
 
-    from uqvlm import hub
-
-    if hub.reachable(constants.ENDPOINT):
-        pytest.skip("the hub is reachable from here")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    t0 = time.perf_counter()
     with pytest.raises(DataUnavailableError, match="wds_cifar10"):
         HFZeroShot("clip-benchmark/wds_cifar10", "test")
-    assert time.perf_counter() - t0 < 10
+    assert len(connections) <= 1  # at most one reachability probe, then offline: no retry loops
 
 
 def test_hub_cache_snapshot_is_used_offline(tmp_path):
@@ -439,10 +432,9 @@ HUB_CONFIGS = sorted(
 
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
-def test_hub_configs_fail_fast_offline(path):
+def test_hub_configs_fail_fast_offline(path, connections):
     cfg = OmegaConf.load(path)
     build = build_pair_dataset if path.parent.name == "hessian_data" else build_zeroshot_dataset
-    t0 = time.perf_counter()
     with pytest.raises(DataUnavailableError, match=cfg.source):
         build(cfg)
-    assert time.perf_counter() - t0 < 10
+    assert connections == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -88,3 +89,59 @@ def test_prompt_features_average_templates_in_activation_space(tmp_path):
     each = vlm.encode_texts(["a x", "bb y", "ccc"])
     torch.testing.assert_close(f.activations[0], each.activations[:2].mean(0))
     torch.testing.assert_close(f.embeddings, f.activations @ vlm.weight.T)
+
+
+def test_extraction_follows_the_models_device(tmp_path, monkeypatch):
+    """The model decides where pixels go: a model on the CPU encodes on the CPU even where CUDA is
+    available (it used to be sent the pixels on cuda, "Expected all tensors to be on the same device")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    vlm = LinearVLM()
+    out = extract(vlm, Pixels(10), cache_dir=tmp_path, model_id={"name": "l"}, dataset_id="x", batch_size=4)
+    assert vlm.encoded == 10 and out["image"].embeddings.device.type == "cpu"
+
+
+def test_a_device_other_than_the_models_is_refused_before_encoding(tmp_path):
+    from uqvlm.devices import DeviceMismatchError
+
+    vlm = LinearVLM()
+    with pytest.raises(DeviceMismatchError, match="asked to run on meta but the model lives on cpu"):
+        extract(vlm, Pixels(10), cache_dir=tmp_path, model_id={"name": "l"}, dataset_id="x", device="meta")
+    assert vlm.encoded == 0
+    extract(vlm, Pixels(10), cache_dir=tmp_path, model_id={"name": "l"}, dataset_id="x", device="cpu")
+    assert vlm.encoded == 10
+
+
+def test_workers_tokenize_captions_and_features_equal_the_main_process(tmp_path):
+    """With DataLoader workers, captions are tokenized in the workers; the features are those of the
+    main process, item by item."""
+    from uqvlm.data.base import PairDataset
+
+    class Pairs(PairDataset):
+        name = "pairs"
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return Image.new("RGB", (2, 2), (i, 2 * i, 7)), "x" * (i + 1)
+
+        def fingerprint(self):
+            return fingerprint_of("pairs", 12)
+
+    class Tokenizing(LinearVLM):
+        def tokenizer(self, texts):  # the token ids carry the caption (its length)
+            return torch.tensor([[len(t), ord(t[0])] for t in texts])
+
+        def encode_texts(self, ids):
+            assert isinstance(ids, torch.Tensor), "captions arrive tokenized"
+            a = ids.float().repeat(1, 6)
+            return Features(a, a @ self.weight.T)
+
+    kw = dict(model_id={"name": "t"}, dataset_id="pairs", batch_size=5, shard_size=8)
+    vlm = Tokenizing()
+    vlm.tokenizer = vlm.tokenizer  # a callable attribute, as VLM.tokenizer is
+    two = extract(vlm, Pairs(), cache_dir=tmp_path / "w", num_workers=2, **kw)
+    zero = extract(vlm, Pairs(), cache_dir=tmp_path / "m", num_workers=0, **kw)
+    assert torch.equal(two["text"].activations, zero["text"].activations)
+    assert torch.equal(two["image"].embeddings, zero["image"].embeddings)
+    assert two["text"].activations[:, 0].tolist() == [float(i + 1) for i in range(12)]

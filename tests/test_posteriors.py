@@ -193,6 +193,56 @@ def test_update_after_finalize_extends_the_data(likelihood_of):
     torch.testing.assert_close(two.B, one.B)
 
 
+# ---------------------------------------------------------------------------------- map-reduce
+@pytest.mark.parametrize("structure", ["kfac", "diag"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_partial_sums_of_disjoint_batches_merge_into_the_whole_data_posterior(structure, bias):
+    layer = _layer(4, 3, bias, seed=5)
+    batches = _batches(layer, [5, 3, 6, 4], seed=6)
+    likelihood = BruteSigLIP(LOG_SCALE, BIAS)
+    whole = _fit(structure, layer, batches, likelihood)
+    # Parts of one and of two batches, merged out of order: the sums are additive.
+    parts = []
+    for group in (batches[2:], batches[:1], batches[1:2]):
+        post = Laplace(layer, structure, likelihood=likelihood)
+        for a, z, t in group:
+            post.update(a, z, t)
+        parts.append(post.partial_sums())
+    merged = LastLayerPosterior.from_partial_sums(
+        layer, parts, likelihood=likelihood, n=3.0, prior_precision=0.7
+    )
+    assert type(merged) is type(whole) and merged.fitted and merged.num_data == whole.num_data == 18
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
+    torch.testing.assert_close(merged.embedding_variance(x), whole.embedding_variance(x), rtol=1e-12, atol=0)
+    assert merged.log_evidence() == pytest.approx(whole.log_evidence(), rel=1e-12)
+    sums = parts[0]["sums"]
+    assert all(v.dtype == F64 and v.device.type == "cpu" for v in sums.values())
+    assert set(sums) == ({"sum_aa", "sum_h"} if structure == "kfac" else {"ggn"})
+
+
+def test_from_partial_sums_refuses_mixed_or_malformed_parts():
+    layer = _layer(3, 2, False)
+    (a, z, t), (a2, z2, t2) = _batches(layer, [4, 3])
+    kfac = Laplace(layer, "kfac", likelihood=InfoNCE(LOG_SCALE))
+    kfac.update(a, z, t)
+    diag = Laplace(layer, "diag", likelihood=InfoNCE(LOG_SCALE))
+    diag.update(a2, z2, t2)
+    with pytest.raises(ValueError, match="different structures"):
+        LastLayerPosterior.from_partial_sums(layer, [kfac.partial_sums(), diag.partial_sums()])
+    with pytest.raises(ValueError, match="not those of a DiagPosterior"):
+        DiagPosterior.from_partial_sums(layer, [kfac.partial_sums()])
+    with pytest.raises(ValueError, match="at least one part"):
+        LastLayerPosterior.from_partial_sums(layer, [])
+    wider = _layer(3, 5, False)
+    with pytest.raises(ValueError, match="shape"):
+        LastLayerPosterior.from_partial_sums(wider, [kfac.partial_sums()])
+    no_count = {**kfac.partial_sums(), "num_data": 0}
+    with pytest.raises(ValueError, match="num_data"):
+        LastLayerPosterior.from_partial_sums(layer, [no_count])
+    with pytest.raises(ValueError, match="no data"):
+        Laplace(layer, "kfac", likelihood=InfoNCE(LOG_SCALE)).partial_sums()
+
+
 # ------------------------------------------------------------------------------------ variance
 @pytest.mark.parametrize("bias", [False, True])
 def test_kfac_variance_equals_explicit_kronecker_covariance(bias):

@@ -193,14 +193,12 @@ def test_bad_settings_fail_fast_with_a_clear_message(tmp_path, override, message
     if override.startswith("hessian_data"):
         overrides.append("posterior=bayesvlm")
     cfg = compose(*overrides)
-    start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         cli.task_main(cfg)
     assert exit_info.value.code == 2
     assert message in " ".join(capsys.readouterr().out.split())
     assert not (tmp_path / "cache" / "models").exists(), "nothing may be computed before the check"
     assert not (tmp_path / "cache" / "posteriors").exists()
-    assert time.perf_counter() - start < 30
 
 
 def test_full_disk_gives_a_clear_error_and_leaves_nothing_partial(tmp_path, monkeypatch, capsys, compose):

@@ -9,42 +9,53 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import TextColumn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from uqvlm.cache import cache_key, get_or_build, load_verified
 from uqvlm.console import console, progress
-from uqvlm.devices import resolve_device
+from uqvlm.data.base import PairDataset
+from uqvlm.devices import model_device
 from uqvlm.features import Features
 
 SHARD_SIZE = 4096
 
 
 class _Preprocessed(Dataset):
-    """Applies the model's image transform in the DataLoader workers."""
+    """Applies the model's image transform in the DataLoader workers (indexed by the dataset's own indices)."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform):
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
     def __getitem__(self, i: int):
-        image, target = self.dataset[self.indices[i]]
+        image, target = self.dataset[i]
         return self.transform(image), target
 
 
-def _collate(batch):
-    pixels = torch.stack([b[0] for b in batch])
-    targets = [b[1] for b in batch]
-    if isinstance(targets[0], int):
-        targets = torch.tensor(targets, dtype=torch.long)
-    return pixels, targets
+class _Collate:
+    """Stacks pixels; labels become a LongTensor, captions token ids when a tokenizer is given (so that
+    tokenizing runs in the workers too, off the loop that feeds the model)."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batch):
+        pixels = torch.stack([b[0] for b in batch])
+        targets = [b[1] for b in batch]
+        if isinstance(targets[0], int):
+            targets = torch.tensor(targets, dtype=torch.long)
+        elif self.tokenizer is not None:
+            targets = self.tokenizer(targets)
+        return pixels, targets
 
 
 def _features_dict(f: Features) -> dict[str, Any]:
@@ -53,6 +64,17 @@ def _features_dict(f: Features) -> dict[str, Any]:
 
 def _features_from(d: dict[str, Any]) -> Features:
     return Features(d["activations"], d["embeddings"], d.get("residuals"))
+
+
+def _shard_batches(shards: Sequence[int], n: int, shard_size: int, batch_size: int) -> list[list[int]]:
+    """Index batches over ``shards`` in order; no batch crosses a shard's end."""
+    batches = []
+    for i in shards:
+        stop = min(n, (i + 1) * shard_size)
+        batches += [
+            list(range(s, min(s + batch_size, stop))) for s in range(i * shard_size, stop, batch_size)
+        ]
+    return batches
 
 
 def extract(
@@ -64,17 +86,22 @@ def extract(
     dataset_id: str,
     batch_size: int = 256,
     num_workers: int = 0,
-    device: str = "auto",
+    device: str | torch.device | None = None,
     precision: str = "fp32",
     shard_size: int = SHARD_SIZE,
     description: str = "features",
 ) -> dict[str, Any]:
-    """Encode every item of ``dataset`` and return ``{"image": Features, "targets": ...}``.
+    """Encode every item of ``dataset`` and return ``{"image": Features, "targets": ...}`` (on the CPU).
 
     For labelled datasets ``targets`` is a LongTensor of labels; for image-caption pairs the captions
     are encoded too and returned as ``"text": Features`` (``targets`` is then None).
+
+    The model encodes on its own device (``vlm.device``); ``device`` may only repeat it (None: follow the
+    model; another device is a :class:`~uqvlm.devices.DeviceMismatchError`). One DataLoader streams every
+    shard still to do, with ``num_workers`` worker processes decoding, preprocessing and tokenizing (pinned
+    memory on CUDA); a shard's features stay on the device until the shard is complete.
     """
-    dev = resolve_device(device)
+    dev = model_device(vlm, device, "feature extraction")
     key = cache_key(
         model=model_id,
         dataset=dataset_id,
@@ -96,6 +123,16 @@ def extract(
     if todo:
         if len(todo) < n_shards:
             console.print(f"resuming {description}: {n_shards - len(todo)}/{n_shards} shards cached")
+        tokenizer = getattr(vlm, "tokenizer", None) if isinstance(dataset, PairDataset) else None
+        loader = DataLoader(
+            _Preprocessed(dataset, vlm.preprocess),
+            batch_sampler=_shard_batches(todo, n, shard_size, batch_size),
+            num_workers=num_workers,
+            collate_fn=_Collate(tokenizer),
+            pin_memory=dev.type == "cuda",
+            prefetch_factor=prefetch_factor(num_workers),
+        )
+        batches = iter(loader)
         with progress(TextColumn("{task.fields[rate]}")) as bar:
             task = bar.add_task(f"encoding {description}", total=n, rate="")
             bar.advance(
@@ -110,15 +147,19 @@ def extract(
                 bar.update(task, advance=k, rate=f"{rate:,.0f} img/s")
 
             for i in todo:
-                indices = range(i * shard_size, min(n, (i + 1) * shard_size))
+                n_batches = math.ceil(min(shard_size, n - i * shard_size) / batch_size)
+                built = False
 
-                def build(indices=indices, i=i):
-                    parts = _encode_shard(
-                        vlm, dataset, indices, batch_size, num_workers, dev, precision, on_batch
-                    )
+                def build(i=i, n_batches=n_batches):
+                    nonlocal built
+                    built = True
+                    parts = _encode_batches(vlm, (next(batches) for _ in range(n_batches)), on_batch)
                     return {"meta": {**meta, "shard": i}, **parts}
 
                 entries[i] = get_or_build(shards[i], build, {**meta, "shard": i})
+                if not built:  # another process wrote this shard meanwhile: skip its batches
+                    for _ in range(n_batches):
+                        next(batches)
     parts = [entries[i] for i in range(n_shards)]
     out: dict[str, Any] = {"image": Features.cat([_features_from(p["image"]) for p in parts])}
     out["text"] = (
@@ -128,28 +169,28 @@ def extract(
     return out
 
 
+def prefetch_factor(num_workers: int) -> int | None:
+    """Batches each DataLoader worker keeps ready: a few more when there are few workers."""
+    if num_workers == 0:
+        return None
+    return 4 if num_workers <= 4 else 2
+
+
 @torch.no_grad()
-def _encode_shard(vlm, dataset, indices, batch_size, num_workers, device, precision, on_batch):
-    loader = DataLoader(
-        _Preprocessed(dataset, indices, vlm.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+def _encode_batches(vlm, batches: Iterator[tuple[Tensor, Any]], on_batch) -> dict[str, Any]:
+    """Encode one shard's batches; the features move to the CPU (float32) once, at the shard's end."""
     images, texts, targets = [], [], []
-    for pixels, target in loader:
-        # The VLM runs under its own device and precision (AMP on CUDA); features are stored in float32.
-        images.append(vlm.encode_images(pixels.to(device, non_blocking=True)).to("cpu", torch.float32))
-        if isinstance(target, list):
-            texts.append(vlm.encode_texts(target).to("cpu", torch.float32))
-        else:
+    for pixels, target in batches:
+        # The VLM runs under its own device and precision (AMP on CUDA).
+        images.append(vlm.encode_images(pixels))
+        if isinstance(target, Tensor) and target.dtype == torch.long and target.ndim == 1:
             targets.append(target)
+        else:  # captions: strings, or token ids [B, L] tokenized in the workers
+            texts.append(vlm.encode_texts(target))
         on_batch(len(pixels))
     return {
-        "image": _features_dict(Features.cat(images)),
-        "text": _features_dict(Features.cat(texts)) if texts else None,
+        "image": _features_dict(Features.cat(images).to("cpu", torch.float32)),
+        "text": _features_dict(Features.cat(texts).to("cpu", torch.float32)) if texts else None,
         "targets": torch.cat(targets) if targets else None,
     }
 

@@ -97,7 +97,7 @@ class Temperature(Method):
 
 def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     """argmin_T NLL(softmax(logits / T)), by L-BFGS on log T (the NLL is convex in 1/T)."""
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
     logits = logits.double()
 

@@ -189,11 +189,14 @@ def _logit_sample_chunks(
     mean = mean_logits.to(dtype)
     std = var_logits.to(dtype).sqrt()
     chunk = max(1, min(samples, max_elements // max(1, mean.numel())))
+    # Drawn on the generator's device (the CPU for torch.Generator()) and moved: the same seed gives the
+    # same samples whichever device the logits are on.
+    draw_on = mean.device if generator is None else generator.device
     done = 0
     while done < samples:
         m = min(chunk, samples - done)
-        eps = torch.randn((m, *mean.shape), generator=generator, dtype=dtype, device=mean.device)
-        yield mean + std * eps
+        eps = torch.randn((m, *mean.shape), generator=generator, dtype=dtype, device=draw_on)
+        yield mean + std * eps.to(mean.device, non_blocking=True)
         done += m
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from uqvlm.settings import ModelSettings
 
 # Keys that change where or how fast a run happens, not what it computes.
-NON_SEMANTIC_KEYS = ("paths", "device", "num_workers", "hydra", "skip_existing")
+NON_SEMANTIC_KEYS = ("paths", "device", "num_workers", "compile", "hydra", "skip_existing")
 
 
 def model_slug(model: ModelSettings) -> str:
@@ -35,9 +35,16 @@ def model_slug(model: ModelSettings) -> str:
     return f"{name}_{tag}"
 
 
+# Keys of sections that only split the work: how many jobs estimate the Hessians, and which one this is.
+NON_SEMANTIC_SECTION_KEYS = {"hessian_data": ("num_parts", "part")}
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """A hash of everything in the (resolved, plain) config that determines the results."""
     semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC_KEYS}
+    for section, keys in NON_SEMANTIC_SECTION_KEYS.items():
+        if isinstance(semantic.get(section), Mapping):
+            semantic[section] = {k: v for k, v in semantic[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

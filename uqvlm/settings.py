@@ -137,7 +137,8 @@ class ModelSettings:
     # An open_clip tag, a checkpoint file, hf-hub:/local-dir:, or ``shapes`` (uqvlm's tiny checkpoint).
     pretrained: str | None = None
     precision: str = "fp32"
-    batch_size: int = 256
+    # Images (and captions) per encoder batch; auto: the largest that fits on the GPU (256 on the CPU).
+    batch_size: int | Literal["auto"] = 256
     # The tiny model's pretraining recipe (with ``pretrained: shapes``), e.g. {seed: 0}.
     pretrain: Mapping[str, Any] = field(default_factory=dict)
 
@@ -158,7 +159,8 @@ class ModelSettings:
                 f"model.pretrained=shapes is uqvlm's own checkpoint for {MODEL_NAME}, not for {name!r}"
             )
         check_choice("model.precision", self.precision, PRECISIONS, ConfigError)
-        _set(self, "batch_size", check_positive_int("model.batch_size", self.batch_size, ConfigError))
+        if self.batch_size != "auto":
+            _set(self, "batch_size", check_positive_int("model.batch_size", self.batch_size, ConfigError))
         if not isinstance(self.pretrain or {}, Mapping):
             raise ConfigError(f"model.pretrain must be a section of keys, got {self.pretrain!r}")
         _set(self, "pretrain", dict(self.pretrain or {}))
@@ -263,6 +265,11 @@ class HessianTaskSettings:
 
     def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
         return ()  # it builds the posteriors only
+
+
+@dataclass(frozen=True, kw_only=True)
+class HessianMergeSettings(HessianTaskSettings):
+    """``task=hessian_merge``: merge the cached parts of ``hessian_data.num_parts`` into the posteriors."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,11 +404,12 @@ class ActiveLearningSettings:
         )
 
 
-TaskSettings = ZeroShotSettings | HessianTaskSettings | ActiveLearningSettings
+TaskSettings = ZeroShotSettings | HessianTaskSettings | HessianMergeSettings | ActiveLearningSettings
 # ``task.name`` -> its settings; the task's code is the module ``uqvlm.tasks.<name>``.
 TASK_SETTINGS: dict[str, type[TaskSettings]] = {
     "zeroshot": ZeroShotSettings,
     "hessian": HessianTaskSettings,
+    "hessian_merge": HessianMergeSettings,
     "active_learning": ActiveLearningSettings,
 }
 
@@ -420,14 +428,16 @@ class RunSettings:
     paths: PathSettings
     seed: int = 0
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
+    compile: bool = False
     skip_existing: bool | Literal["auto"] = "auto"
     config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _set(self, "seed", _int("seed", self.seed))
-        if _int("num_workers", self.num_workers) < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and _int("num_workers", self.num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0 or auto, got {self.num_workers}")
+        _set(self, "compile", _bool("compile", self.compile))
         if self.skip_existing != "auto":
             _set(self, "skip_existing", _bool("skip_existing", self.skip_existing))
         on_diag = (
@@ -473,7 +483,8 @@ class RunSettings:
             paths=build(PathSettings, "paths", plain_section(cfg.paths, "paths")),
             seed=cfg.get("seed", 0),
             device=str(cfg.get("device", "auto")),
-            num_workers=cfg.get("num_workers", 0),
+            num_workers=cfg.get("num_workers", "auto"),
+            compile=cfg.get("compile", False),
             skip_existing=cfg.get("skip_existing", "auto"),
             config=plain_section(cfg, "the config"),
         )

@@ -57,3 +57,25 @@ class PairDataset(Dataset, ABC):
 
     @abstractmethod
     def fingerprint(self) -> str: ...
+
+
+class PairRange(PairDataset):
+    """Pairs ``[start, stop)`` of ``pairs`` as a dataset of their own (its fingerprint names the range), so
+    that a job extracting one part of the Hessian data caches the features of that part only."""
+
+    def __init__(self, pairs: PairDataset, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= len(pairs):
+            raise ValueError(f"pair range [{start}, {stop}) is not within the {len(pairs)} pairs")
+        self.pairs, self.start, self.stop = pairs, start, stop
+        self.name = pairs.name
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.pairs[self.start + index]
+
+    def fingerprint(self) -> str:
+        return fingerprint_of("pair-range", self.pairs.fingerprint(), self.start, self.stop)

@@ -73,17 +73,30 @@ class DatasetSettings:
 @dataclass(frozen=True, kw_only=True)
 class PairDataSettings:
     """A ``hessian_data`` section of image-caption pairs: ``class_batch`` pairs per contrastive class batch
-    (the targets of a source are the other modality's embeddings of the same batch)."""
+    (the targets of a source are the other modality's embeddings of the same batch). The class batches
+    may be split over ``num_parts`` jobs, this one computing ``part`` (null: every part, in turn)."""
 
     name: str
     kind: str
     class_batch: int
+    num_parts: int = 1
+    part: int | None = None
     section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "class_batch", check_positive_int("hessian_data.class_batch", self.class_batch, ConfigError)
         )
+        num_parts = check_positive_int("hessian_data.num_parts", self.num_parts, ConfigError)
+        object.__setattr__(self, "num_parts", num_parts)
+        part = self.part
+        if part is not None and (
+            isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < num_parts
+        ):
+            raise ConfigError(
+                f"hessian_data.part must be null (every part) or an integer in [0, {num_parts}) "
+                f"(hessian_data.num_parts={num_parts}), got {part!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,5 +122,10 @@ def hessian_data_settings(node: Any, path: str = "hessian_data") -> HessianDataS
     if kind == PublishedFactorsSettings.KIND:
         return PublishedFactorsSettings(name=name, kind=kind, dir=section.get("dir"), section=section)
     return PairDataSettings(
-        name=name, kind=kind, class_batch=_required(section, path, "class_batch"), section=section
+        name=name,
+        kind=kind,
+        class_batch=_required(section, path, "class_batch"),
+        num_parts=section.get("num_parts", 1),
+        part=section.get("part"),
+        section=section,
     )

@@ -262,6 +262,92 @@ class LastLayerPosterior(ABC):
     def _with_point(self, a: Tensor, z: Tensor, targets: Tensor, copies: int) -> LastLayerPosterior:
         """``with_point`` for the augmented float64 activation [p'], embedding [1, D], targets [K, D]."""
 
+    # ------------------------------------------------------------------------- map-reduce
+    def partial_sums(self) -> dict[str, Any]:
+        """The curvature accumulated so far, unnormalised: ``{"structure", "num_data", "sums": {name:
+        float64 tensor on the CPU}}`` (KFAC: ``sum_aa`` = sum a a^T and ``sum_h`` = sum H; diagonal: ``ggn``).
+
+        The sums are additive over disjoint data (class batches), so data can be split over jobs and the
+        posterior of the whole built by :meth:`from_partial_sums` (``task=hessian hessian_data.num_parts=K``).
+        Take them before ``finalize``: a diagonal posterior clamps round-off negatives of its sum there.
+        """
+        if self._num_data == 0:
+            raise ValueError(f"{type(self).__name__}: no data accumulated; call update() first")
+        return {
+            "structure": self.structure,
+            "num_data": self._num_data,
+            "sums": {k: v.detach().to("cpu", torch.float64).clone() for k, v in self._sums().items()},
+        }
+
+    @classmethod
+    def from_partial_sums(
+        cls,
+        last_layer: LastLayer,
+        parts: Iterable[dict[str, Any]],
+        *,
+        likelihood: Likelihood | None = None,
+        n: float = 10.0,
+        prior_precision: float = 1.0,
+    ) -> LastLayerPosterior:
+        """The fitted posterior of the union of the data behind ``parts`` (``partial_sums()`` of posteriors
+        around the same ``last_layer`` with the same likelihood, over disjoint data): the sums are added in
+        float64 in the order given, then finalized. Equal, up to float64 round-off, to one posterior updated
+        with all the data."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("from_partial_sums needs at least one part")
+        structures = {p.get("structure") if isinstance(p, dict) else None for p in parts}
+        if len(structures) != 1:
+            raise ValueError(f"parts of different structures {sorted(map(str, structures))} cannot be merged")
+        structure = structures.pop()
+        target = LastLayerPosterior._registry.get(structure)
+        if target is None:
+            raise ValueError(f"unknown structure {structure!r} in the partial sums")
+        if cls is not LastLayerPosterior and not issubclass(target, cls):
+            raise ValueError(f"the parts hold {structure!r} sums, not those of a {cls.__name__}")
+        post = target(last_layer, likelihood=likelihood, n=n, prior_precision=prior_precision)
+        shapes = post._empty_sums()
+        names = set(shapes)
+        total: dict[str, Tensor] = {}
+        num_data = 0
+        for i, part in enumerate(parts):
+            sums = part.get("sums")
+            if not isinstance(sums, dict) or set(sums) != names:
+                raise ValueError(
+                    f"part {i} holds sums {sorted(sums or {})}, a {structure} part holds {sorted(names)}"
+                )
+            count = part.get("num_data")
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+                raise ValueError(
+                    f"part {i} has num_data {count!r}; a part covers a positive number of sources"
+                )
+            num_data += count
+            for name, value in sums.items():
+                value = _check_tensor(f"part {i} sum {name}", value, len(shapes[name])).to(torch.float64)
+                if name in total:
+                    total[name].add_(value.to(total[name].device))
+                else:
+                    total[name] = value.clone()
+        post._load_sums(total)
+        post._num_data = num_data
+        return post.finalize()
+
+    def _empty_sums(self) -> dict[str, tuple[int, ...]]:
+        """The names and shapes of the structure's sums (none: MAP)."""
+        return {}
+
+    def _sums(self) -> dict[str, Tensor]:
+        """The structure's current sums (names as in ``_empty_sums``)."""
+        return {}
+
+    def _load_sums(self, sums: dict[str, Tensor]) -> None:
+        """Set the structure's sums from float64 tensors of the shapes ``_empty_sums`` gives."""
+        for name, shape in self._empty_sums().items():
+            if tuple(sums[name].shape) != shape:
+                raise ValueError(
+                    f"the {self.structure} sum {name!r} has shape {tuple(sums[name].shape)}, expected {shape}"
+                )
+
     # ---------------------------------------------------------------------------- inference
     def embedding_mean(self, activations: Tensor, residuals: Tensor | None = None) -> Tensor:
         """MAP embedding z = a W^T (+ b) (+ residual), [N, D], in the activations' dtype."""

@@ -68,6 +68,16 @@ class DiagPosterior(LastLayerPosterior):
             )
         self._ggn += hd.to(device=self._ggn.device, dtype=torch.float64).T @ a.to(self._ggn.device).square()
 
+    def _empty_sums(self) -> dict[str, tuple[int, ...]]:
+        return {"ggn": (self.out_features, self.augmented_in_features)}
+
+    def _sums(self) -> dict[str, Tensor]:
+        return {"ggn": self._ggn}
+
+    def _load_sums(self, sums: dict[str, Tensor]) -> None:
+        super()._load_sums(sums)
+        self._ggn = sums["ggn"]
+
     def _finalize(self) -> None:
         # Round-off can leave tiny negative entries in per-source diagonals; the GGN is PSD.
         self._ggn.clamp_(min=0.0)

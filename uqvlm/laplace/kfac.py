@@ -100,6 +100,19 @@ class KFACPosterior(LastLayerPosterior):
         self._sum_aa += a.T @ a.to(self._sum_aa.device)
         self._sum_h += h.to(self._sum_h.device)
 
+    def _empty_sums(self) -> dict[str, tuple[int, ...]]:
+        p, d = self.augmented_in_features, self.out_features
+        return {"sum_aa": (p, p), "sum_h": (d, d)}
+
+    def _sums(self) -> dict[str, Tensor]:
+        if self._sum_aa is None:
+            raise ValueError("this KFAC posterior was built from factors without num_data; it has no sums")
+        return {"sum_aa": self._sum_aa, "sum_h": self._sum_h}
+
+    def _load_sums(self, sums: dict[str, Tensor]) -> None:
+        super()._load_sums(sums)
+        self._sum_aa, self._sum_h = sums["sum_aa"], sums["sum_h"]
+
     def _finalize(self) -> None:
         root = math.sqrt(self._num_data)
         self._set_factors(self._sum_aa / root, self._sum_h / root)
@@ -182,8 +195,8 @@ class KFACPosterior(LastLayerPosterior):
     def variance_factors(self, activations: Tensor) -> tuple[Tensor, Tensor]:
         """The KFAC embedding variance is rank one: ``embedding_variance(a) == quad[:, None] * b_diag``.
 
-        Returns quad = a^T A~^-1 a [N] and b_diag = diag(B~^-1) [D] (float64), so predictions need no
-        [N, D] variance (see :func:`uqvlm.probcosine.probcosine_rank1`).
+        Returns quad = a^T A~^-1 a [N] and b_diag = diag(B~^-1) [D] (float64, on the activations' device),
+        so predictions need no [N, D] variance (see :func:`uqvlm.probcosine.probcosine_rank1`).
         """
         self._require_fitted()
         a_in = _check_tensor("activations", activations, 2)
@@ -192,7 +205,8 @@ class KFACPosterior(LastLayerPosterior):
             for s in range(0, a_in.shape[0], _ROW_CHUNK)
         ]
         _, b_diag = self._variance_factors(self._augment(a_in[:1]))
-        return (torch.cat(quads) if quads else a_in.new_zeros(0, dtype=torch.float64)), b_diag
+        quad = torch.cat(quads) if quads else a_in.new_zeros(0, dtype=torch.float64)
+        return quad.to(a_in.device), b_diag.to(a_in.device)
 
     def sample(
         self, num_samples: int, generator: torch.Generator | None = None

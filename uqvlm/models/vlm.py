@@ -198,6 +198,15 @@ def _split_forward(head: _Head, forward: Callable[[], Any]) -> Features:
     return Features(act, emb, res)
 
 
+def _compile_subtrees(module: nn.Module, keep: set[nn.Module], compile_kwargs: dict[str, Any]) -> None:
+    """Compile, in place, the largest submodules of ``module`` that contain no module of ``keep``."""
+    for child in module.children():
+        if any(m in keep for m in child.modules()):
+            _compile_subtrees(child, keep, compile_kwargs)
+        elif any(True for _ in child.parameters()):  # parameter-free modules (dropouts, pools) stay eager
+            child.compile(**compile_kwargs)
+
+
 # ----------------------------------------------------------------------------- the model wrapper
 
 
@@ -229,6 +238,7 @@ class VLM:
         self._offline_tokenizer = offline_tokenizer
         self._image = _image_head(model)
         self._text = _text_head(model)
+        self._memory_format = torch.contiguous_format
 
     def __repr__(self) -> str:
         return (
@@ -288,6 +298,49 @@ class VLM:
                 ) from e
         return self._tokenizer
 
+    # -- device and speed
+
+    def to(self, device: str | torch.device) -> VLM:
+        """Move the model to ``device`` (``auto``: CUDA when available); every later encoding runs there.
+        Returns self."""
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        return self
+
+    def channels_last(self, enabled: bool = True) -> VLM:
+        """Run the image tower on channels-last pixels (faster convolutions on CUDA; same features).
+        Returns self."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.model.visual.to(memory_format=fmt)
+        self._memory_format = fmt
+        return self
+
+    def compile(self, **compile_kwargs: Any) -> VLM:
+        """``torch.compile`` the towers in place: every submodule that holds no split point (the last
+        layers, and SigLIP's residual input) is compiled, so the activations are still captured by
+        open_clip's own forward. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``backend``, ...).
+        The features equal the eager ones up to float round-off. Returns self."""
+        keep: set[nn.Module] = set()
+        for head in (self._image, self._text):
+            keep.update(m for m in (head.owner, head.linear, head.residual_of) if m is not None)
+        _compile_subtrees(self.model, keep, compile_kwargs)
+        return self
+
+    @torch.no_grad()
+    def encode_dummy(self, batch: int) -> None:
+        """Encode ``batch`` zero images and full-length token sequences (to probe the memory a batch needs)."""
+        size = getattr(self.model.visual, "image_size", None)
+        length = getattr(self.model, "context_length", None) or getattr(
+            getattr(self.model, "text", None), "context_length", None
+        )
+        if size is None or not length:
+            raise UnsupportedModelError(f"{self.name}: no image_size / context_length to build a dummy batch")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        self.encode_images(torch.zeros(batch, 3, h, w))
+        self.encode_texts(torch.zeros(batch, int(length), dtype=torch.long))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- encoding
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -295,10 +348,15 @@ class VLM:
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor | Sequence[Image.Image]) -> Features:
-        """Features of a batch of images: preprocessed pixels [B, 3, H, W], or PIL images."""
+        """Features of a batch of images: preprocessed pixels [B, 3, H, W], or PIL images.
+
+        The features stay on the model's device (``Features.to`` moves them)."""
         if not isinstance(pixels, Tensor):
             pixels = torch.stack([self.preprocess(im) for im in pixels])
-        x = pixels.to(self.device)
+        # Pinned host pixels (a CUDA DataLoader's) copy asynchronously; elsewhere this is a plain copy.
+        x = pixels.to(self.device, non_blocking=True)
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=self._memory_format)
         with self._autocast():
             return _split_forward(self._image, lambda: self.model.encode_image(x))
 

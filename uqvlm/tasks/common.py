@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 
 from uqvlm.cache import file_digest
+from uqvlm.devices import device_of, largest_fitting_batch, loader_workers
 from uqvlm.paths import ensure_writable
 from uqvlm.settings import ModelSettings, PathSettings, RunSettings
 from uqvlm.tasks.keys import check_config_keys
@@ -65,16 +67,26 @@ def model_identity(name: str, pretrained: str | None, precision: str) -> dict[st
     return {"name": name, "weights": weights, "precision": precision}
 
 
+AUTO = "auto"
+# model.batch_size=auto on the CPU, where a larger batch buys nothing.
+CPU_BATCH = 256
+
+
 @dataclass
 class LoadedModel:
-    """The model of this run and how features are extracted with it (device, batch size, workers)."""
+    """The model of this run and how features are extracted with it (batch size, loader workers).
+
+    The model owns the device (``vlm.device``): extraction, fitting and prediction follow it."""
 
     vlm: Any
     identity: dict[str, Any]
     precision: str
     batch_size: int
-    device: str = "auto"
     num_workers: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.vlm)
 
 
 def load_model(settings: RunSettings, dirs: RunDirs) -> LoadedModel:
@@ -84,18 +96,24 @@ def load_model(settings: RunSettings, dirs: RunDirs) -> LoadedModel:
     model = settings.model
     pretrained = resolve_pretrained(model, dirs.cache)
     vlm = load_vlm(model.name, pretrained, device=settings.device, precision=model.precision)
+    if vlm.device.type == "cuda":
+        vlm.channels_last()
+    if settings.compile:
+        vlm.compile()
+    batch_size = model.batch_size
+    if batch_size == AUTO:
+        batch_size = largest_fitting_batch(vlm.encode_dummy) if vlm.device.type == "cuda" else CPU_BATCH
     return LoadedModel(
         vlm,
         model_identity(model.name, pretrained, model.precision),
         model.precision,
-        model.batch_size,
-        settings.device,
-        settings.num_workers,
+        batch_size,
+        loader_workers(settings.num_workers, vlm.device),
     )
 
 
 def extract_features(model: LoadedModel, dirs: RunDirs, dataset, description: str) -> dict[str, Any]:
-    """Cached features of ``dataset`` under this run's model, device and loader settings."""
+    """Cached features of ``dataset`` under this run's model (on its device) and loader settings."""
     from uqvlm.extraction import extract
 
     return extract(
@@ -106,7 +124,6 @@ def extract_features(model: LoadedModel, dirs: RunDirs, dataset, description: st
         dataset_id=dataset.fingerprint(),
         batch_size=model.batch_size,
         num_workers=model.num_workers,
-        device=model.device,
         precision=model.precision,
         description=description,
     )

@@ -4,6 +4,13 @@ Image side: sources are the images of a class batch, targets the captions of the
 side: the reverse (method.md section 3). The posterior state (factors or diagonals and the likelihood,
 without the prior precision, which is cheap to set later) is cached under a key of everything that
 determines it, the posterior state's version included: an entry an older uqvlm wrote is rebuilt.
+
+Map-reduce: the KFAC and diagonal GGN sums are additive over class batches. ``hessian_data.num_parts=K``
+splits the class batches into K parts of consecutive batches; ``task=hessian hessian_data.part=i`` computes
+part i (its pairs' features and each of its class batches' partial sums, cached: a killed part resumes),
+and the job that finds every part done merges them in float64 into the very entry a single job writes
+(same key), so zero-shot runs find it; ``task=hessian_merge`` merges explicitly. A single job is the same
+with one part.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from typing import Any
 
 import torch
 
-from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build
+from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build, load_verified
 from uqvlm.config_utils import require_set
 from uqvlm.console import console, progress
+from uqvlm.data.base import PairRange
 from uqvlm.data.registry import build_pair_dataset
-from uqvlm.data.sections import HessianDataSettings, PublishedFactorsSettings
+from uqvlm.data.sections import HessianDataSettings, PairDataSettings, PublishedFactorsSettings
 from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError, UqvlmError
+from uqvlm.features import LastLayer
 from uqvlm.laplace import KFACPosterior, Laplace, likelihood_for, load_published_factors
 from uqvlm.laplace.base import STATE_VERSION, LastLayerPosterior
 from uqvlm.settings import RunSettings
@@ -76,70 +85,252 @@ def _published_posteriors(
     return posts
 
 
+def on_device(post: LastLayerPosterior, device: torch.device) -> LastLayerPosterior:
+    """``post``, or a copy of it on ``device`` when it lives elsewhere."""
+    return post if post.last_layer.weight.device == torch.device(device) else post.to(device)
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any]) -> str:
+    keys = sorted(set(found) | set(expected))
+    return ", ".join(
+        f"{k}: {found.get(k)!r} here, {expected.get(k)!r} in this config"
+        for k in keys
+        if found.get(k) != expected.get(k)
+    )
+
+
+def part_batches(n_batches: int, part: int, num_parts: int) -> range:
+    """The class batches of ``part`` of ``num_parts``: consecutive, as even as can be (none for some parts
+    when there are fewer batches than parts)."""
+    return range(part * n_batches // num_parts, (part + 1) * n_batches // num_parts)
+
+
+class _Estimate:
+    """The estimation of one posterior (a structure, both towers) from image-caption pairs, map-reduced
+    over class batches.
+
+    Class batch b holds pairs [b C, (b + 1) C) (C = ``class_batch``; the last may be shorter). Part i of K
+    is the consecutive batches [i nb / K, (i + 1) nb / K) (nb batches; a part may hold none when K > nb).
+    A part extracts the features of its own pairs only and caches each batch's partial sums (both towers,
+    float64, on the CPU) under ``posteriors/parts/<structure>-<key>/``, keyed by the posterior's identity
+    and the batch; the merge adds them in float64, in batch order, into the posterior entry.
+    """
+
+    def __init__(self, hessian_data: PairDataSettings, model: LoadedModel, dirs: RunDirs, structure: str):
+        self.hessian_data, self.model, self.dirs, self.structure = hessian_data, model, dirs, structure
+        self.pairs = build_pair_dataset(hessian_data.section)
+        self.likelihood = likelihood_for(model.vlm)
+        self.class_batch = hessian_data.class_batch
+        self.ident = {
+            "model": model.identity,
+            "data": self.pairs.fingerprint(),
+            "n_pairs": len(self.pairs),
+            "class_batch": self.class_batch,
+            "likelihood": self.likelihood.state(),
+            "dtype": "float64",
+            "structure": structure,
+            "format": FORMAT_VERSION,
+            "state_version": STATE_VERSION,
+        }
+        self.key = cache_key(**self.ident)
+        self.path = Path(dirs.cache) / "posteriors" / f"{structure}-{self.key}.pt"
+        self.parts_dir = Path(dirs.cache) / "posteriors" / "parts" / f"{structure}-{self.key}"
+        self.n_batches = math.ceil(len(self.pairs) / self.class_batch)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def batch_path(self, batch: int) -> Path:
+        return self.parts_dir / f"batch-{batch:05d}.pt"
+
+    def batch_meta(self, batch: int) -> dict[str, Any]:
+        return {"key": self.key, "batch": batch, "n_batches": self.n_batches}
+
+    def part_batches(self, part: int, num_parts: int) -> range:
+        return part_batches(self.n_batches, part, num_parts)
+
+    def cached(self) -> dict[str, Any] | None:
+        return load_verified(self.path, self.meta)
+
+    # -------------------------------------------------------------------------------------- map
+    def run_part(self, part: int, num_parts: int) -> None:
+        """Compute and cache the partial sums of every class batch of ``part`` not cached yet."""
+        batches = self.part_batches(part, num_parts)
+        label = f"part {part} of {num_parts}" if num_parts > 1 else ""
+        todo = [b for b in batches if load_verified(self.batch_path(b), self.batch_meta(b)) is None]
+        if not batches:
+            console.print(
+                f"{label}: no class batch falls to it ({self.n_batches} class batches); nothing to do"
+            )
+        if not todo:
+            return
+        n, size = len(self.pairs), self.class_batch
+        start, stop = batches.start * size, min(batches.stop * size, n)
+        pairs = self.pairs if (start, stop) == (0, n) else PairRange(self.pairs, start, stop)
+        name = self.hessian_data.name
+        feats = extract_features(self.model, self.dirs, pairs, f"{name} pairs {label}".rstrip())
+        with progress() as bar:
+            task = bar.add_task(
+                f"{self.structure} curvature ({self.likelihood.kind}) {label}".rstrip(), total=len(todo)
+            )
+            for b in todo:
+                rows = slice(b * size - start, min((b + 1) * size, n) - start)
+                get_or_build(
+                    self.batch_path(b),
+                    lambda b=b, rows=rows: self._batch_sums(feats, b, rows),
+                    self.batch_meta(b),
+                )
+                bar.advance(task)
+
+    def _batch_sums(self, feats: dict[str, Any], batch: int, rows: slice) -> dict[str, Any]:
+        """One class batch's partial sums of both towers, accumulated on the model's device."""
+        device = self.model.device
+        sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
+        heads = _heads(self.model.vlm)
+        sums = {}
+        for tower in TOWERS:
+            src, tgt = sides[tower]
+            post = Laplace(heads[tower], self.structure, likelihood=self.likelihood)
+            post.update(
+                src.activations[rows].to(device),
+                src.embeddings[rows].to(device),
+                tgt.embeddings[rows].to(device),
+            )
+            sums[tower] = post.partial_sums()
+        return {"meta": self.batch_meta(batch), "ident": self.ident, **sums}
+
+    # ----------------------------------------------------------------------------------- reduce
+    def missing_batches(self) -> list[int]:
+        """Class batches without a readable partial-sums entry (a foreign one counts as present: the merge
+        refuses it)."""
+        return [b for b in range(self.n_batches) if load_verified(self.batch_path(b)) is None]
+
+    def merge(self) -> dict[str, Any]:
+        """Sum every class batch's partial sums into the posterior entry (cached) and return it. Refuses
+        partial sums computed for another config; needs every batch's."""
+        entries = []
+        for b in range(self.n_batches):
+            path = self.batch_path(b)
+            entry = load_verified(path)
+            if entry is None:
+                raise UqvlmError(
+                    f"the partial sums of class batch {b} are missing ({path}); run its part first"
+                )
+            found = entry.get("ident", {}) if isinstance(entry, dict) else {}
+            if found != self.ident or entry.get("meta") != self.batch_meta(b):
+                diff = _differences(found, self.ident) or _differences(
+                    entry.get("meta") or {}, self.batch_meta(b)
+                )
+                raise UqvlmError(
+                    f"the partial sums {path} were computed for another config ({diff}); delete "
+                    f"{self.parts_dir} and run the parts again"
+                )
+            entries.append(entry)
+
+        def build() -> dict[str, Any]:
+            heads = {
+                t: LastLayer(h.weight.detach().cpu(), None if h.bias is None else h.bias.detach().cpu())
+                for t, h in _heads(self.model.vlm).items()
+            }
+            posts = {
+                t: LastLayerPosterior.from_partial_sums(
+                    heads[t], [e[t] for e in entries], likelihood=self.likelihood
+                )
+                for t in TOWERS
+            }
+            return {"meta": self.meta, "ident": self.ident, **{t: posts[t].state_dict() for t in TOWERS}}
+
+        entry = get_or_build(self.path, build, self.meta)
+        if self.n_batches > 1:
+            console.print(f"{self.structure}: the partial sums of {self.n_batches} class batches merged")
+        return entry
+
+    def posteriors(self, entry: dict[str, Any]) -> dict[str, LastLayerPosterior]:
+        """The cached entry's posteriors (on the CPU), checked against the model's last layers."""
+        try:
+            posts = {t: LastLayerPosterior.from_state_dict(entry[t]) for t in TOWERS}
+        except (KeyError, ValueError) as err:  # an entry another uqvlm version wrote
+            raise UqvlmError(
+                f"the cached {self.structure} posterior {self.path} cannot be read ({err}); delete it (or the "
+                "cache directory) and run again"
+            ) from err
+        heads = _heads(self.model.vlm)
+        for tower, post in posts.items():
+            # The key covers the checkpoint's bytes; this guards against a cache copied between models.
+            if not torch.equal(post.last_layer.weight.double(), heads[tower].weight.detach().double().cpu()):
+                raise UqvlmError(
+                    f"the cached {self.structure} posterior {self.path} was fitted for another model's {tower} "
+                    "last layer; delete it (or the cache directory) and run again"
+                )
+        return posts
+
+
 def fit_posteriors(
     hessian_data: HessianDataSettings, model: LoadedModel, dirs: RunDirs, structure: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The image and text posteriors of ``structure`` (kfac | diag), from the cache or estimated now from
-    the pairs of ``hessian_data`` (or the published factors).
+    the pairs of ``hessian_data`` (or the published factors). Estimating runs every part still missing in
+    this job (``hessian_data.part`` is read by ``task=hessian`` only), then merges.
 
-    Returns the posteriors and the cache identity they were built from.
+    Returns the posteriors (on the CPU) and the cache identity they were built from.
     """
     if isinstance(hessian_data, PublishedFactorsSettings):
         return _published_posteriors(hessian_data, model, structure), {"published": str(hessian_data.dir)}
+    estimate = _Estimate(hessian_data, model, dirs, structure)
+    entry = estimate.cached()
+    if entry is None:
+        for part in range(hessian_data.num_parts):
+            estimate.run_part(part, hessian_data.num_parts)
+        entry = estimate.merge()
+    return estimate.posteriors(entry), estimate.ident
 
-    vlm = model.vlm
-    pairs = build_pair_dataset(hessian_data.section)
-    likelihood = likelihood_for(vlm)
-    class_batch = hessian_data.class_batch
-    ident = {
-        "model": model.identity,
-        "data": pairs.fingerprint(),
-        "n_pairs": len(pairs),
-        "class_batch": class_batch,
-        "likelihood": likelihood.state(),
-        "dtype": "float64",
-        "structure": structure,
-        "format": FORMAT_VERSION,
-        "state_version": STATE_VERSION,
-    }
-    key = cache_key(**ident)
-    path = Path(dirs.cache) / "posteriors" / f"{structure}-{key}.pt"
-    heads = _heads(vlm)
 
-    def build() -> dict[str, Any]:
-        feats = extract_features(model, dirs, pairs, f"{hessian_data.name} pairs")
-        sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
-        posts = {t: Laplace(heads[t], structure, likelihood=likelihood) for t in TOWERS}
-        n = len(pairs)
-        n_batches = math.ceil(n / class_batch)
-        with progress() as bar:
-            task = bar.add_task(f"{structure} curvature ({likelihood.kind})", total=2 * n_batches)
-            for start in range(0, n, class_batch):
-                sl = slice(start, start + class_batch)
-                for tower in TOWERS:
-                    src, tgt = sides[tower]
-                    posts[tower].update(src.activations[sl], src.embeddings[sl], tgt.embeddings[sl])
-                    bar.advance(task)
-        for p in posts.values():
-            p.finalize()
-        return {"meta": {"key": key}, "ident": ident, **{t: posts[t].state_dict() for t in TOWERS}}
-
-    entry = get_or_build(path, build, {"key": key})
-    try:
-        posts = {t: LastLayerPosterior.from_state_dict(entry[t]) for t in TOWERS}
-    except (KeyError, ValueError) as err:  # an entry another uqvlm version wrote
-        raise UqvlmError(
-            f"the cached {structure} posterior {path} cannot be read ({err}); delete it (or the cache "
-            "directory) and run again"
-        ) from err
-    for tower, post in posts.items():
-        # The key covers the checkpoint's bytes; this guards against a cache copied between models.
-        if not torch.equal(post.last_layer.weight.double(), heads[tower].weight.detach().double().cpu()):
-            raise UqvlmError(
-                f"the cached {structure} posterior {path} was fitted for another model's {tower} last "
-                "layer; delete it (or the cache directory) and run again"
+def fit_part(
+    hessian_data: PairDataSettings, model: LoadedModel, dirs: RunDirs, structure: str, part: int
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Part ``part`` of ``hessian_data.num_parts`` of the estimation; merged into the posteriors when it
+    finds every part done (then returned; else None), so the last part of a job array to finish merges."""
+    estimate = _Estimate(hessian_data, model, dirs, structure)
+    entry = estimate.cached()
+    if entry is None:
+        estimate.run_part(part, hessian_data.num_parts)
+        missing = estimate.missing_batches()
+        if missing:
+            parts = sorted(
+                {
+                    p
+                    for p in range(hessian_data.num_parts)
+                    for b in missing
+                    if b in estimate.part_batches(p, hessian_data.num_parts)
+                }
             )
-    return posts, ident
+            console.print(
+                f"{structure}: part {part} of {hessian_data.num_parts} done; waiting for hessian_data.part="
+                f"{','.join(map(str, parts))} (the last part to finish merges them)"
+            )
+            return None, estimate.ident
+        entry = estimate.merge()
+    return estimate.posteriors(entry), estimate.ident
+
+
+def merge_posteriors(
+    hessian_data: PairDataSettings, model: LoadedModel, dirs: RunDirs, structure: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``task=hessian_merge``: the posteriors merged from the cached parts (every one must be there)."""
+    estimate = _Estimate(hessian_data, model, dirs, structure)
+    entry = estimate.cached()
+    if entry is None:
+        missing = estimate.missing_batches()
+        if missing:
+            k = hessian_data.num_parts
+            parts = sorted({p for p in range(k) for b in missing if b in estimate.part_batches(p, k)})
+            raise UqvlmError(
+                f"{len(missing)} of {estimate.n_batches} class batches have no partial sums yet: run "
+                f"task=hessian hessian_data.num_parts={k} hessian_data.part=<i> for parts {parts}"
+            )
+        entry = estimate.merge()
+    return estimate.posteriors(entry), estimate.ident
 
 
 def finished_record(settings: RunSettings) -> Path | None:
@@ -148,12 +339,18 @@ def finished_record(settings: RunSettings) -> Path | None:
 
 
 def run(settings: RunSettings) -> TaskResult:
-    """``task=hessian``: estimate and cache the posteriors of every configured structure."""
+    """``task=hessian``: estimate and cache the posteriors of every configured structure (with
+    ``hessian_data.part``: that part, merged when every part is done)."""
     dirs = prepare_dirs(settings.paths)
     model = load_model(settings, dirs)
+    data = settings.hessian_data
+    part = data.part if isinstance(data, PairDataSettings) else None
     for structure in settings.task.fitted_structures(settings.posterior):
-        posts, _ident = fit_posteriors(settings.hessian_data, model, dirs, structure)
-        for tower, post in posts.items():
+        if part is None:
+            posts, _ident = fit_posteriors(data, model, dirs, structure)
+        else:
+            posts, _ident = fit_part(data, model, dirs, structure, part)
+        for tower, post in (posts or {}).items():
             console.print(f"{structure} {tower}: {post!r}")
     console.print(f"posteriors cached under {dirs.cache / 'posteriors'}")
     return TaskResult()

@@ -18,7 +18,7 @@ from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likel
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.hessian import fit_posteriors, on_device
 
 
 def output_location(settings: RunSettings) -> tuple[Path, str]:
@@ -106,6 +106,8 @@ def run(settings: RunSettings) -> TaskResult:
         raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
     model = load_model(settings, dirs)
     vlm = model.vlm
+    # Features are cached on the CPU; the methods predict on the model's device, scores are taken on the CPU.
+    device = model.device
     image, labels = _features(data.name, model, dirs, dataset, f"{data.name} {dataset.split}")
     text = encode_prompts(
         vlm,
@@ -123,13 +125,14 @@ def run(settings: RunSettings) -> TaskResult:
                 "(set dataset.val_split=... or drop them from task.methods)"
             )
         val = build_zeroshot_dataset(data.split(split))
-        return _features(data.name, model, dirs, val, f"{data.name} {split}")
+        features, val_labels = _features(data.name, model, dirs, val, f"{data.name} {split}")
+        return features.to(device), val_labels.to(device)
 
     def views(k: int):
         return [
             _features(
                 data.name, model, dirs, AugmentedView(dataset, v, seed=settings.seed), f"tta view {v + 1}/{k}"
-            )[0]
+            )[0].to(device)
             for v in range(k)
         ]
 
@@ -139,14 +142,14 @@ def run(settings: RunSettings) -> TaskResult:
     def posteriors(structure: str):
         posts, ident = fit_posteriors(settings.hessian_data, model, dirs, structure)
         provenance["posteriors"][structure] = ident
-        return posts
+        return {tower: on_device(post, device) for tower, post in posts.items()}
 
     ctx = ZeroShotContext(
         logit_scale=vlm.logit_scale,
         logit_bias=vlm.logit_bias,
-        image=image,
-        labels=labels,
-        text=text,
+        image=image.to(device),
+        labels=labels.to(device),
+        text=text.to(device),
         posterior=settings.posterior,
         validation_provider=validation,
         views_provider=views,
@@ -155,7 +158,7 @@ def run(settings: RunSettings) -> TaskResult:
     ece_bins = task.ece_bins
     rows, log_probs, label_uses = [], {}, {}
     for name, method in methods.items():
-        log_probs[name] = method.predict_log_probs(ctx)
+        log_probs[name] = method.predict_log_probs(ctx).cpu()
         reason = label_use(task.objective, method)
         if reason:
             label_uses[name] = reason
