@@ -10,7 +10,14 @@ child process so that the peak-RSS growth of one measurement is not hidden by an
 - one bare C x C x D logits matmul, computed in the same row chunks as the fast path into a reused buffer
   (the FLOP floor: every source needs all C logits; the fast InfoNCE path does about three of these).
 
-Usage: ``python scripts/bench_laplace.py [--dim 512] [--classes 4096 32768] [--repeats 3] [--naive-sources 128]``
+``--device cuda`` runs everything on the GPU (timings synchronised, peak GPU memory reported). ``--matmul``
+chooses the float32 matmul mode: ``fp32`` (default: exact IEEE float32, torch's "highest"), ``tf32``
+("high": TF32 tensor cores on CUDA) or ``bf16`` ("medium": bfloat16 internally where the backend has it);
+each GGN's relative error against float64 on the same inputs (the first ``--error-sources`` sources) is
+printed beside its time, so the cost of a faster mode is stated with it.
+
+Usage: ``python scripts/bench_laplace.py [--device cpu|cuda] [--matmul fp32|tf32|bf16] [--dim 512]
+[--classes 4096 32768] [--repeats 3] [--naive-sources 128]``
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ BIAS_SIGLIP = -10.0
 LIKELIHOODS = {InfoNCE.kind: InfoNCE(LOG_SCALE_CLIP), SigLIP.kind: SigLIP(LOG_SCALE_SIGLIP, BIAS_SIGLIP)}
 DIAG_SUFFIX = "_diag"
 KINDS = ("matmul", *LIKELIHOODS, "naive", *(kind + DIAG_SUFFIX for kind in LIKELIHOODS))
+# --matmul -> torch.set_float32_matmul_precision
+MATMUL_MODES = {"fp32": "highest", "tf32": "high", "bf16": "medium"}
 
 
 def _current_rss_bytes() -> int:
@@ -41,18 +50,33 @@ def _current_rss_bytes() -> int:
 
 
 def _child(
-    kind: str, n_classes: int, dim: int, repeats: int, naive_sources: int, seed: int, threads: int | None
+    kind: str,
+    n_classes: int,
+    dim: int,
+    repeats: int,
+    naive_sources: int,
+    seed: int,
+    threads: int | None,
+    device: str = "cpu",
+    matmul_mode: str = "fp32",
+    error_sources: int = 1024,
 ) -> dict:
-    """Run one measurement in this (fresh) process; return timings and peak-RSS growth."""
+    """Run one measurement in this (fresh) process; return timings, peak memory growth and the error."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
 
     from uqvlm.laplace import hessians as hs
 
     # Warm up threads and kernels on a small problem, so the timed runs measure steady state.
-    small = torch.randn(64, dim), torch.randn(64, dim)
+    small = torch.randn(64, dim, device=dev), torch.randn(64, dim, device=dev)
     for likelihood in LIKELIHOODS.values():
         likelihood.ggn(*small)
     del small
@@ -63,6 +87,21 @@ def _child(
     target = torch.randn(n_classes, dim, generator=gen)
     target.mul_(0.8).add_(source)
     source.add_(torch.randn(n_classes, dim, generator=gen), alpha=0.8).mul_(3.0)
+    source, target = source.to(dev), target.to(dev)
+
+    # The error of this matmul mode: the GGN of the first sources against float64 on the same inputs.
+    error = None
+    name = kind.removesuffix(DIAG_SUFFIX)
+    if name in LIKELIHOODS:
+        ll = LIKELIHOODS[name]
+        fn64 = ll.ggn if name == kind else ll.ggn_diagonals
+        sub = source[:error_sources]
+        exact = fn64(sub.double(), target.double())
+        torch.set_float32_matmul_precision(MATMUL_MODES[matmul_mode])
+        got = fn64(sub, target)
+        error = float(torch.linalg.norm(got - exact) / torch.linalg.norm(exact))
+        del exact, got
+    torch.set_float32_matmul_precision(MATMUL_MODES[matmul_mode])
 
     # The bare logits matmul, in the fast path's row chunks, into a reused buffer (made on first use so that
     # it does not count towards another measurement's memory).
@@ -71,7 +110,7 @@ def _child(
 
     def matmul() -> None:
         if not mm_buf:
-            mm_buf.append(torch.empty(mm_chunk, n_classes))
+            mm_buf.append(torch.empty(mm_chunk, n_classes, device=dev))
         y = torch.nn.functional.normalize(target, dim=1)
         for start in range(0, n_classes, mm_chunk):
             stop = min(start + mm_chunk, n_classes)
@@ -95,16 +134,25 @@ def _child(
             ggn(source, target)
 
     def timed(f) -> float:
+        sync()
         t0 = time.perf_counter()
         f()
+        sync()
         return time.perf_counter() - t0
 
-    # First run alone, for the peak RSS; then bare matmuls interleaved with further runs, so that the ratio
-    # to the matmul is taken under the same load (the CPU is shared).
-    rss_before = _current_rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # First run alone, for the peak memory; then bare matmuls interleaved with further runs, so that the
+    # ratio to the matmul is taken under the same load (the CPU is shared).
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+        rss_before = peak_before = torch.cuda.memory_allocated(dev)
+    else:
+        rss_before = _current_rss_bytes()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = [timed(fn)]
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak_after = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mm_times = []
     for i in range(repeats):
         if kind != "matmul":
@@ -122,6 +170,7 @@ def _child(
         # if the set-up's own peak was never exceeded, the growth above is only an upper bound
         "growth_hidden": peak_after == peak_before and peak_before > rss_before,
         "peak_rss": peak_after,
+        "error": error,
     }
 
 
@@ -141,6 +190,12 @@ def _run_child(kind: str, n_classes: int, args: argparse.Namespace, repeats: int
         str(args.naive_sources),
         "--seed",
         str(args.seed),
+        "--device",
+        args.device,
+        "--matmul",
+        args.matmul,
+        "--error-sources",
+        str(args.error_sources),
     ] + (["--threads", str(args.threads)] if args.threads else [])
     env = dict(os.environ)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,6 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--matmul",
+        choices=tuple(MATMUL_MODES),
+        default="fp32",
+        help="float32 matmul mode: fp32 (exact, default), tf32 or bf16; the error vs float64 is printed",
+    )
+    parser.add_argument(
+        "--error-sources", type=int, default=1024, help="sources the float64 error is measured on"
+    )
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -189,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
                     args.naive_sources,
                     args.seed,
                     args.threads,
+                    args.device,
+                    args.matmul,
+                    args.error_sources,
                 )
             )
         )
@@ -198,10 +266,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine (no GPU figures measured)")
+    where = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else f"CPU (CUDA {'available' if torch.cuda.is_available() else 'absent'})"
+    )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f}; D = {args.dim}, float32 inputs, B = C; "
-        f"each row is one child process"
+        f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}; D = {args.dim}, float32 inputs, B = C, matmul mode "
+        f"{args.matmul} ({MATMUL_MODES[args.matmul]}); each row is one child process"
     )
     kinds = (
         ["matmul", *LIKELIHOODS]
@@ -242,11 +317,22 @@ def main(argv: list[str] | None = None) -> None:
                     if kind == "naive"
                     else "",
                     _fmt_mib(r["peak_growth"]) + ("*" if r["growth_hidden"] else ""),
+                    "" if r.get("error") is None else f"{r['error']:.1e}",
                     "; ".join(notes),
                 ]
             )
 
-    header = ["C", "method", "time s", "3x matmul s", "time / 3x matmul", "naive / fast", "peak MiB", "notes"]
+    header = [
+        "C",
+        "method",
+        "time s",
+        "3x matmul s",
+        "time / 3x matmul",
+        "naive / fast",
+        "peak MiB",
+        "rel. error vs f64",
+        "notes",
+    ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     print(line)
@@ -259,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         "same CPU load. naive = the published per-source algorithm ([5, D, D] per 5 sources), timed on a\n"
         "subsample of sources and extrapolated linearly to B = C; naive / fast = ratio of the matmul-normalised\n"
         "times of naive and infonce (raw = ratio of wall times from different processes). peak MiB = peak-RSS\n"
-        "growth of the first run over the inputs (* = upper bound: the set-up's own peak was never exceeded)."
+        "growth of the first run over the inputs (* = upper bound: the set-up's own peak was never exceeded;\n"
+        "on CUDA: peak allocated GPU memory over the inputs). rel. error vs f64 = ||H - H_f64||_F / ||H_f64||_F\n"
+        f"on the first {args.error_sources} sources in this matmul mode ({args.matmul})."
     )
 
 

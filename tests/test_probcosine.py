@@ -322,3 +322,37 @@ def test_kfac_variance_factors_reproduce_embedding_variance():
     torch.testing.assert_close(
         quad[:, None] * b_diag[None, :], post.embedding_variance(acts), rtol=1e-12, atol=0
     )
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk_rows", "matmul_rows"), [(7, 3, 4096), (7, 2, 3), (7, 128, 4), (1, 1, 1), (0, 4, 8)]
+)
+@pytest.mark.parametrize("bias", [None, -2.5])
+def test_fused_rank1_probit_equals_probit_of_the_full_variance_moments(
+    n, chunk_rows, matmul_rows, bias, monkeypatch
+):
+    """The fused KFAC predictive against the unfused closed form with explicit [N, D] variances, over
+    row blocks and chunks of every alignment."""
+    from uqvlm import probcosine as pc
+    from uqvlm.probcosine import probcosine_logits, probit_log_probs, probit_log_probs_rank1
+
+    monkeypatch.setattr(pc, "_MATMUL_ROWS", matmul_rows)
+
+    g = torch.Generator().manual_seed(5)
+    mg = 3 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    mh = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    c, b = (
+        5 * torch.rand(n, generator=g, dtype=torch.float64),
+        torch.rand(6, generator=g, dtype=torch.float64),
+    )
+    e, f = torch.rand(4, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    log_scale = math.log(30.0)
+    mean, var = probcosine_logits(mg, c[:, None] * b[None, :], mh, e[:, None] * f[None, :], log_scale, bias)
+    want = probit_log_probs(mean, var)
+    got = probit_log_probs_rank1(mg, c, b, mh, e, f, log_scale, bias, chunk_rows=chunk_rows)
+    assert got.shape == (n, 4) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="txt_scale"):
+        probit_log_probs_rank1(mg, c, b, mh, -e - 1, f, log_scale)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        probit_log_probs_rank1(mg, c, b, mh, e, f, log_scale, chunk_rows=0)

@@ -20,7 +20,13 @@ from torch import Tensor
 from uqvlm.features import Features
 from uqvlm.laplace import KFACPosterior, grid_search_prior
 from uqvlm.metrics import negative_log_likelihood
-from uqvlm.probcosine import mc_log_probs, probcosine, probcosine_rank1, probit_log_probs
+from uqvlm.probcosine import (
+    mc_log_probs,
+    probcosine,
+    probcosine_rank1,
+    probit_log_probs,
+    probit_log_probs_rank1,
+)
 from uqvlm.validation import check_choice
 
 if TYPE_CHECKING:
@@ -126,6 +132,11 @@ class TTA(Method):
         return log_probs.logsumexp(0) - math.log(len(views))
 
 
+def _rank_one(post: Any) -> bool:
+    """Whether the posterior's embedding variances are rank one (KFAC's ``variance_factors``)."""
+    return hasattr(post, "variance_factors")
+
+
 class BayesVLM(Method):
     """BayesVLM: last-layer Laplace posteriors -> embedding variances -> ProbCosine -> predictive."""
 
@@ -144,7 +155,7 @@ class BayesVLM(Method):
     ) -> tuple[Tensor, Tensor]:
         img_post, txt_post = posts["image"], posts["text"]
         img_mean, txt_mean = image.embeddings.double(), ctx.text.embeddings.double()
-        if hasattr(img_post, "variance_factors") and hasattr(txt_post, "variance_factors"):
+        if _rank_one(img_post) and _rank_one(txt_post):
             # KFAC: rank-one variances, so the predictive costs about one extra pass over [N, K].
             c, b = img_post.variance_factors(image.activations)
             e, f = txt_post.variance_factors(ctx.text.activations)
@@ -158,6 +169,21 @@ class BayesVLM(Method):
 
     def log_probs(self, ctx: ZeroShotContext, image: Features, posts: dict[str, Any]) -> Tensor:
         """log of the predictive [N, K] of ``image``, float64."""
+        img_post, txt_post = posts["image"], posts["text"]
+        if self.predictive == "probit" and _rank_one(img_post) and _rank_one(txt_post):
+            # KFAC: the probit predictive fused over row chunks, never an [N, K] moment in memory.
+            c, b = img_post.variance_factors(image.activations)
+            e, f = txt_post.variance_factors(ctx.text.activations)
+            return probit_log_probs_rank1(
+                image.embeddings.double(),
+                c,
+                b,
+                ctx.text.embeddings.double(),
+                e,
+                f,
+                ctx.logit_scale,
+                ctx.logit_bias,
+            )
         mean, var = self.logit_moments(ctx, image, posts)
         if self.predictive == "mc":
             return mc_log_probs(

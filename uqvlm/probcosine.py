@@ -15,9 +15,15 @@ from torch import Tensor
 
 from uqvlm.validation import check_tensor
 
+# Bytes of one row chunk of the fused predictive's [N, K] passes: small enough to stay in the cache.
+_CHUNK_BYTES = 4 * 2**20
+# Image rows per matmul of the fused predictive: enough for a full-speed matmul, no [N, D] float64 copy.
+_MATMUL_ROWS = 4096
+
 __all__ = [
     "probcosine",
     "probcosine_rank1",
+    "probit_log_probs_rank1",
     "probcosine_logits",
     "probit_probs",
     "probit_log_probs",
@@ -83,6 +89,13 @@ def probcosine_rank1(
     Same result, but the variance costs O(N D + K D + N K) instead of two [N, D] x [D, K] matmuls, so the
     BayesVLM predictive costs little more than the deterministic one.
     """
+    dtype = _check_rank1_inputs(img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir)
+    mg, c, b, mh, e, f = (t.to(dtype) for t in (img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir))
+    g_n, h_n, left, right = _rank1_terms(mg, c, b, mh, e, f)
+    return g_n @ h_n.T, left @ right.T
+
+
+def _check_rank1_inputs(img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir) -> torch.dtype:
     _check_matrix("img_mean", img_mean)
     _check_matrix("txt_mean", txt_mean)
     for name, vec, size in (
@@ -101,7 +114,12 @@ def probcosine_rank1(
     dtype = img_mean.dtype
     for t in (img_scale, img_dir, txt_mean, txt_scale, txt_dir):
         dtype = torch.promote_types(dtype, t.dtype)
-    mg, c, b, mh, e, f = (t.to(dtype) for t in (img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir))
+    return dtype
+
+
+def _rank1_terms(mg: Tensor, c: Tensor, b: Tensor, mh: Tensor, e: Tensor, f: Tensor) -> tuple[Tensor, ...]:
+    """The per-row and per-column factors of the rank-one ProbCosine: mean = mg_n @ mh_n^T and
+    var = left @ right^T, with mg_n, mh_n the means scaled by 1 / sqrt(S)."""
     sq_mg, sq_mh = mg.square(), mh.square()
     s_g = sq_mg.sum(1) + c * b.sum()
     s_h = sq_mh.sum(1) + e * f.sum()
@@ -110,14 +128,83 @@ def probcosine_rank1(
     if (s_h <= 0).any():
         raise ValueError("txt_mean has a row with zero norm and zero variance: its cosine is undefined")
     r_g, r_h = 1.0 / s_g, 1.0 / s_h
-    # mean = mu_g mu_h^T / sqrt(S_g S_h): scale the rows, then one matmul.
-    mean = (mg * r_g.sqrt()[:, None]) @ (mh * r_h.sqrt()[:, None]).T
     # var_nk = [sum_d (mu_g,d^2 + c b_d) e f_d + c b_d mu_h,d^2] / (S_g S_h) is a rank-2 outer product:
     # r_g (mu_g^2 . f + (b . f) c) * e r_h  +  c r_g * (mu_h^2 . b) r_h.
     left = torch.stack([r_g * (sq_mg @ f + (b @ f) * c), c * r_g], dim=1)
     right = torch.stack([e * r_h, (sq_mh @ b) * r_h], dim=1)
-    var = left @ right.T
-    return mean, var
+    return mg * r_g.sqrt()[:, None], mh * r_h.sqrt()[:, None], left, right
+
+
+def probit_log_probs_rank1(
+    img_mean: Tensor,
+    img_scale: Tensor,
+    img_dir: Tensor,
+    txt_mean: Tensor,
+    txt_scale: Tensor,
+    txt_dir: Tensor,
+    logit_scale: float,
+    logit_bias: float | None = None,
+    *,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """The probit predictive of :func:`probcosine_rank1`'s logits, fused: equal (to round-off) to
+    ``probit_log_probs(s mean + beta, s^2 var)`` with ``mean, var = probcosine_rank1(...)``, in the inputs'
+    promoted dtype (float64 from BayesVLM), [N, K].
+
+    The mean logits come from one matmul written straight into the output; then, ``chunk_rows`` rows at
+    a time (default: about 4 MiB of them), the variance, the probit scaling and the log-softmax are made
+    in place while the chunk is in the cache. No other [N, K] tensor is formed, and the inputs are
+    validated once, here (they are O(N D + K D)). ``logit_scale`` is the LOG scale.
+    """
+    dtype = _check_rank1_inputs(img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir)
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    s = math.exp(float(logit_scale))
+    bias = 0.0 if logit_bias is None else float(logit_bias)
+    if not math.isfinite(s) or not math.isfinite(bias):
+        raise ValueError(f"logit_scale and logit_bias must be finite, got {logit_scale}, {logit_bias}")
+    c, b, mh, e, f = (t.to(dtype) for t in (img_scale, img_dir, txt_mean, txt_scale, txt_dir))
+    # The class side once: scaled means and the variance's column factors, s and s^2 pi / 8 folded in.
+    sq_mh = mh.square()
+    s_h = sq_mh.sum(1) + e * f.sum()
+    if (s_h <= 0).any():
+        raise ValueError("txt_mean has a row with zero norm and zero variance: its cosine is undefined")
+    r_h = 1.0 / s_h
+    h_t = (mh * (s * r_h.sqrt())[:, None]).T.contiguous()
+    col0 = (e * r_h * (s * s * math.pi / 8.0))[None, :]
+    col1 = ((sq_mh @ b) * r_h * (s * s * math.pi / 8.0))[None, :]
+    b_sum, b_dot_f = b.sum(), b @ f
+    n, k = img_mean.shape[0], txt_mean.shape[0]
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_BYTES // (k * torch.finfo(dtype).bits // 8))
+    out = torch.empty(n, k, dtype=dtype, device=mh.device)
+    work = torch.empty(min(chunk_rows, max(n, 1)), k, dtype=dtype, device=mh.device)
+    # Image rows in blocks large enough for a full-speed matmul, the elementwise passes in cache-sized chunks.
+    block = max(chunk_rows, _MATMUL_ROWS)
+    for first in range(0, n, block):
+        last = min(first + block, n)
+        mg, cg = img_mean[first:last].to(dtype), c[first:last]
+        sq_mg = mg.square()
+        s_g = sq_mg.sum(1) + cg * b_sum
+        if (s_g <= 0).any():
+            raise ValueError("img_mean has a row with zero norm and zero variance: its cosine is undefined")
+        r_g = 1.0 / s_g
+        # var_nk = left_n0 col_k0 + left_n1 col_k1 (see _rank1_terms)
+        left0 = (r_g * (sq_mg @ f + b_dot_f * cg))[:, None]
+        left1 = (cg * r_g)[:, None]
+        torch.mm(mg.mul_(r_g.sqrt()[:, None]), h_t, out=out[first:last])
+        if bias:
+            out[first:last].add_(bias)
+        for start in range(first, last, chunk_rows):
+            stop = min(start + chunk_rows, last)
+            logits, probit = out[start:stop], work[: stop - start]
+            rows = slice(start - first, stop - first)
+            torch.mul(left0[rows], col0, out=probit).addcmul_(left1[rows], col1)  # pi/8 s^2 Var[cos]
+            logits.mul_(probit.add_(1.0).rsqrt_())
+            torch.log_softmax(logits, dim=-1, out=logits)
+    return out
 
 
 def probcosine_logits(

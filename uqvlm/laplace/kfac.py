@@ -188,7 +188,7 @@ class KFACPosterior(LastLayerPosterior):
     def _variance_factors(self, a: Tensor) -> tuple[Tensor, Tensor]:
         ea, eb = self._damped()
         proj = a.to(self._vec_A.device) @ self._vec_A  # a in the eigenbasis of A
-        quad = proj.square() @ (1.0 / ea)  # a^T A~^-1 a, [N]
+        quad = torch.mv(proj.square_(), 1.0 / ea)  # a^T A~^-1 a, [N]
         b_diag = self._vec_B_sq @ (1.0 / eb)  # [B~^-1]_dd, [D]
         return quad, b_diag
 
