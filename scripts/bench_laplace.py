@@ -105,7 +105,10 @@ def _child(
 
     # The bare logits matmul, in the fast path's row chunks, into a reused buffer (made on first use so that
     # it does not count towards another measurement's memory).
-    mm_chunk = min(n_classes, hs.LOGITS_BUDGET_BYTES // (4 * n_classes))
+    if cuda:
+        mm_chunk = min(n_classes, hs.CUDA_LOGITS_BUDGET_BYTES // (4 * n_classes))
+    else:
+        mm_chunk = min(n_classes, hs.LOGITS_BUDGET_BYTES // (4 * n_classes))
     mm_buf: list[torch.Tensor] = []
 
     def matmul() -> None:

@@ -339,6 +339,26 @@ def test_float32_far_subnormal_weights_close_to_float64():
     assert rel_err(infonce_hessian_diagonals(source, target, ls, chunk_size=37), ref_d) <= 5e-5
 
 
+def test_without_the_subnormal_clamp_as_on_cuda_the_ggn_is_the_same(monkeypatch):
+    """On CUDA the exp floor is off (GPUs handle subnormals at full speed); the GGN is unchanged."""
+    from uqvlm.laplace import hessians as hs
+
+    assert hs._exp_floor(torch.float32, torch.device("cuda")) is None
+    gen = torch.Generator().manual_seed(12)
+    shared = torch.randn(200, 32, generator=gen)
+    source, target = (shared + 0.5 * torch.randn(200, 32, generator=gen)) * 3, shared
+    ls = math.log(150.0)
+    clamped = infonce_hessian(source, target, ls, chunk_size=64)
+    clamped_d = infonce_hessian_diagonals(source, target, ls, chunk_size=64)
+    monkeypatch.setattr(hs, "_exp_floor", lambda dtype, device: None)
+    torch.testing.assert_close(
+        infonce_hessian(source, target, ls, chunk_size=64), clamped, rtol=1e-6, atol=1e-9
+    )
+    torch.testing.assert_close(
+        infonce_hessian_diagonals(source, target, ls, chunk_size=64), clamped_d, rtol=1e-6, atol=1e-9
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # likelihood objects
 # --------------------------------------------------------------------------------------------------------

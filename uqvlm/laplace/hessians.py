@@ -13,7 +13,8 @@ the b x C logits and one [2b, C] x [C, D] product (InfoNCE: the softmax weights 
 logits, stacked; SigLIP needs only the latter, the diagonals add one weights x Y^2 product), all in the input
 dtype, as are the O(b D) per-source algebra and the chunk's O(b D^2) GEMM; only the sums across chunks
 (and the final C-row Gram product's accumulation) are float64. Sources are processed in row chunks so that
-one [chunk, C] block stays within ``LOGITS_BUDGET_BYTES`` and ``MAX_CHUNK_ROWS``; two such blocks are live at a
+one [chunk, C] block stays within ``LOGITS_BUDGET_BYTES`` and ``MAX_CHUNK_ROWS`` (on CUDA within
+``CUDA_LOGITS_BUDGET_BYTES``, without a row cap); two such blocks are live at a
 time.
 
 InfoNCE is evaluated around the arg-max target t (exactly the same algebra, since the arg-max term of
@@ -46,6 +47,9 @@ LOGITS_BUDGET_BYTES = 256 * 2**20
 # Row cap: the elementwise passes over a chunk run faster on blocks that stay cache-resident (quiet 2-core
 # CPU, C = 4096: 1024 rows 0.386 s against 0.441 s for one 4096-row block; C = 16384: 5.7 s against 5.9 s).
 MAX_CHUNK_ROWS = 1024
+# On a GPU there is no cache to stay in, and every chunk costs some 25 kernel launches: larger blocks and
+# no row cap (C = 32,768: 8 chunks of 4,096 rows, about 1 GiB of GPU memory).
+CUDA_LOGITS_BUDGET_BYTES = 512 * 2**20
 
 _F64 = torch.float64
 
@@ -135,7 +139,10 @@ def _problem(
     n_rows, n_targets = source.shape[0], target.shape[0]
     if chunk_size is None:
         itemsize = torch.finfo(dtype).bits // 8
-        chunk_size = max(1, min(MAX_CHUNK_ROWS, LOGITS_BUDGET_BYTES // (n_targets * itemsize)))
+        if y.device.type == "cuda":
+            chunk_size = max(1, CUDA_LOGITS_BUDGET_BYTES // (n_targets * itemsize))
+        else:
+            chunk_size = max(1, min(MAX_CHUNK_ROWS, LOGITS_BUDGET_BYTES // (n_targets * itemsize)))
     return _Problem(source.detach(), r, y, s, bias, min(int(chunk_size), n_rows))
 
 
@@ -172,13 +179,16 @@ def _scaled_sources(pb: _Problem, start: int, stop: int) -> tuple[Tensor, Tensor
     return u, (u * pb.s).to(pb.dtype), r.pow(-2)
 
 
-def _exp_floor(dtype: torch.dtype) -> float:
+def _exp_floor(dtype: torch.dtype, device: torch.device) -> float | None:
     """Lowest Delta worth exponentiating: exp of anything below is subnormal or 0 in ``dtype``.
 
     With CLIP's scale most Delta lie far below it (float32: -87), and subnormal exp outputs are several times
     slower to produce and to multiply. Clamping changes each such weight by less than the smallest normal
     number, i.e. by nothing next to the arg-max weight 1.
+    On a GPU, which handles subnormals at full speed, the clamp would only cost a pass: None there.
     """
+    if device.type == "cuda":
+        return None
     return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
 
 
@@ -190,7 +200,7 @@ def _infonce_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
     y_sq = y.square() if diag else None
     # One buffer, reused across chunks (fresh pages cost as much as a pass over them), holds [E; E * Delta]
     # so that both target products are a single matmul.
-    exp_floor = _exp_floor(dtype)
+    exp_floor = _exp_floor(dtype, y.device)
     work = torch.empty(2 * pb.chunk, y.shape[0], dtype=dtype, device=y.device)
     for start in range(0, source.shape[0], pb.chunk):
         stop = min(start + pb.chunk, source.shape[0])
@@ -204,7 +214,8 @@ def _infonce_chunks(pb: _Problem, diag: bool) -> Iterator[_Chunk]:
         delta.addmm_(u, y.T, beta=0.0, alpha=s)  # logits s u^T y
         lmax, idx = delta.max(dim=1)
         delta.sub_(lmax[:, None])  # Delta = l - l* <= 0: a stable softmax
-        delta.clamp_min_(exp_floor)  # keeps exp (and all that reads it) off subnormals: see _exp_floor
+        if exp_floor is not None:
+            delta.clamp_min_(exp_floor)  # keeps exp (and all that reads it) off subnormals: see _exp_floor
         torch.exp(delta, out=e)
         e.scatter_(1, idx[:, None], 0.0)  # p' (unnormalised): the softmax without the arg-max entry
         e_sum = e.sum(dim=1).to(_F64)

@@ -86,8 +86,8 @@ def _published_posteriors(
 
 
 def on_device(post: LastLayerPosterior, device: torch.device) -> LastLayerPosterior:
-    """``post``, or a copy of it on ``device`` when it lives elsewhere."""
-    return post if post.last_layer.weight.device == torch.device(device) else post.to(device)
+    """A copy of ``post`` with every tensor on ``device`` (cheap: the factors or diagonals only)."""
+    return post.to(device)
 
 
 def _differences(found: dict[str, Any], expected: dict[str, Any]) -> str:
@@ -276,7 +276,8 @@ def fit_posteriors(
     Returns the posteriors (on the CPU) and the cache identity they were built from.
     """
     if isinstance(hessian_data, PublishedFactorsSettings):
-        return _published_posteriors(hessian_data, model, structure), {"published": str(hessian_data.dir)}
+        posts = _published_posteriors(hessian_data, model, structure)  # the heads on the model's device
+        return {t: on_device(p, "cpu") for t, p in posts.items()}, {"published": str(hessian_data.dir)}
     estimate = _Estimate(hessian_data, model, dirs, structure)
     entry = estimate.cached()
     if entry is None:
