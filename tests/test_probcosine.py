@@ -356,3 +356,23 @@ def test_fused_rank1_probit_equals_probit_of_the_full_variance_moments(
         probit_log_probs_rank1(mg, c, b, mh, -e - 1, f, log_scale)
     with pytest.raises(ValueError, match="chunk_rows"):
         probit_log_probs_rank1(mg, c, b, mh, e, f, log_scale, chunk_rows=0)
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([1e308, 1e308], True),  # the sum overflows, the entries are finite
+        ([float("nan"), 1.0], False),
+        ([float("inf"), float("-inf")], False),  # the sum is NaN
+        ([float("-inf")], False),
+        ([], True),
+    ],
+)
+def test_all_finite_agrees_with_isfinite_entry_by_entry(values, finite):
+    from uqvlm.validation import all_finite
+
+    x = torch.tensor(values, dtype=torch.float64)
+    assert all_finite(x) == bool(torch.isfinite(x).all()) == finite
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # float32 entries whose float32 sum would overflow
+    assert all_finite(big)

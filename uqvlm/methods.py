@@ -174,11 +174,12 @@ class BayesVLM(Method):
             # KFAC: the probit predictive fused over row chunks, never an [N, K] moment in memory.
             c, b = img_post.variance_factors(image.activations)
             e, f = txt_post.variance_factors(ctx.text.activations)
+            # float64 throughout (c, b, e, f are): the embeddings are converted block by block inside.
             return probit_log_probs_rank1(
-                image.embeddings.double(),
+                image.embeddings,
                 c,
                 b,
-                ctx.text.embeddings.double(),
+                ctx.text.embeddings,
                 e,
                 f,
                 ctx.logit_scale,

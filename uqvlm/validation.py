@@ -22,9 +22,20 @@ def check_tensor(name: str, x: Any, ndim: int) -> Tensor:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf")
     return x
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of the floating tensor ``x`` is finite, in one pass in the common case: the sum is
+    finite only if every entry is (a NaN or an Inf makes it NaN or Inf); only a sum that is not (a bad
+    entry, or an overflow of huge finite entries) is settled entry by entry."""
+    if x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def _real(name: str, value: Any, error: type[Exception], expected: str) -> float:

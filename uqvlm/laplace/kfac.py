@@ -199,7 +199,9 @@ class KFACPosterior(LastLayerPosterior):
         so predictions need no [N, D] variance (see :func:`uqvlm.probcosine.probcosine_rank1`).
         """
         self._require_fitted()
-        a_in = _check_tensor("activations", activations, 2)
+        if not isinstance(activations, torch.Tensor) or activations.ndim != 2:
+            _check_tensor("activations", activations, 2)  # names what is wrong
+        a_in = activations  # each chunk is validated by _augment
         quads = [
             self._variance_factors(self._augment(a_in[s : s + _ROW_CHUNK]))[0]
             for s in range(0, a_in.shape[0], _ROW_CHUNK)
