@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from uqvlm.active.domains import pool_domains, split_mode
+from uqvlm.active.domains import align_mode, pool_domains, split_mode
 from uqvlm.active.finetune import FinetuneConfig
 from uqvlm.active.strategies import STRATEGIES, AcquisitionConfig
 from uqvlm.config_utils import require_set
@@ -282,7 +282,8 @@ class PerSplit:
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSettings:
-    """``task.data.splits``: ``native`` splits of the dataset, or ``seeded`` fractions of each domain."""
+    """``task.data.splits``: ``native`` splits of the dataset, ``seeded`` fractions of each domain (by
+    ``seed``), or the ``published`` BayesVLM split (its own seed, 42)."""
 
     by: str = "native"
     seed: int = 0
@@ -301,6 +302,7 @@ class ActiveDataSettings:
     domains: Mapping[str, Any] = field(metadata={"schema": Schema.DOMAINS})
     pool: tuple[str, ...] | None = None  # null: every domain
     include_target_in_pool: bool = False
+    align: str = "names"  # how classes match across domains: names | class_ids (active/domains.py)
     splits: SplitSettings = field(default_factory=SplitSettings)
     sizes: PerSplit = field(default_factory=PerSplit)
     section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
@@ -317,6 +319,7 @@ class ActiveDataSettings:
         )
         pool_domains(self.section)
         split_mode(self.section)
+        align_mode(self.section)
 
 
 @dataclass(frozen=True, kw_only=True)

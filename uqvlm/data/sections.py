@@ -39,6 +39,33 @@ def plain_section(node: Any, path: str) -> dict[str, Any]:
     return dict(node)
 
 
+PROTOCOL_KEY = "protocol"
+PROTOCOLS_KEY = "protocols"
+
+
+def apply_protocol(section: Mapping[str, Any], path: str = "dataset") -> dict[str, Any]:
+    """A dataset section that offers ``protocols`` as the section of the one its ``protocol`` names: that
+    protocol's entry merged over the shared keys (the entry's keys win: they fix what the protocol reads,
+    e.g. its ``kind`` and ``source``), ``protocols`` dropped. A section without ``protocols`` is returned as
+    it is. (configs/dataset/*.yaml; the keys a protocol's kind does not read are dropped by the registry.)
+    """
+    section = dict(section)
+    protocols = section.pop(PROTOCOLS_KEY, None)
+    if protocols is None:
+        return section
+    if not isinstance(protocols, Mapping) or not protocols:
+        raise ConfigError(f"{path}.{PROTOCOLS_KEY} must map each protocol name to the keys it sets")
+    chosen = section.get(PROTOCOL_KEY)
+    if chosen not in protocols:
+        raise ConfigError(
+            f"{path}.{PROTOCOL_KEY} must be one of {', '.join(map(str, protocols))} for this dataset, got {chosen!r}"
+        )
+    entry = protocols[chosen] or {}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{path}.{PROTOCOLS_KEY}.{chosen} must be a section of keys, got {entry!r}")
+    return {**section, **entry}
+
+
 def _required(section: Mapping[str, Any], path: str, key: str) -> Any:
     if section.get(key) is None:
         raise ConfigError(f"{path}.{key} is not set")
@@ -48,7 +75,7 @@ def _required(section: Mapping[str, Any], path: str, key: str) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class DatasetSettings:
     """A ``dataset`` section: ``name`` names the results, ``val_split`` is the labelled split of methods
-    fitted on labels, ``section`` the whole section for the registry."""
+    fitted on labels, ``section`` the whole section for the registry (its chosen protocol applied)."""
 
     name: str
     kind: str
@@ -57,7 +84,7 @@ class DatasetSettings:
 
     @classmethod
     def from_section(cls, node: Any, path: str = "dataset") -> DatasetSettings:
-        section = plain_section(node, path)
+        section = apply_protocol(plain_section(node, path), path)
         return cls(
             name=str(_required(section, path, "name")),
             kind=str(_required(section, path, "kind")),

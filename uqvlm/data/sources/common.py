@@ -1,4 +1,5 @@
-"""Helpers shared by the dataset sources: image decoding, seeded subsets, bad-image handling, text files."""
+"""Helpers shared by the dataset sources: image decoding, seeded subsets, bad-image handling, text files,
+and the labelled-files base of the folder sources."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uqvlm.errors import DatasetFormatError
+from uqvlm.data.base import ZeroShotDataset, fingerprint_of
+from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +104,55 @@ def _with_replacement(ds: Any, index: int) -> tuple[Image.Image, str]:
             ds.skipped += 1
             log.warning("%s: item %d cannot be decoded (%s); using item %d", ds.name, j, e, (j + 1) % len(ds))
     raise DatasetFormatError(f"{ds.name}: {MAX_REPLACEMENTS} consecutive undecodable items from {index}")
+
+
+class LabelledFiles(ZeroShotDataset):
+    """Labelled image files under one ``root`` folder: what the folder sources (class folders, split files,
+    the ImageNet-R folder) share once they have listed their ``(relative path, label)`` items."""
+
+    root: Path
+    on_bad_image: str
+    n: int | None
+    seed: int
+
+    def _index_files(self, files: list[str], labels: list[int]) -> None:
+        """Keep the listed items (a seeded subset of ``n``; undecodable ones dropped under ``skip``)."""
+        check = (lambda i: self._decodes(files[i])) if self.on_bad_image == "skip" else None
+        order, self.skipped_indices = _select(len(files), self.n, self.seed, check)
+        if len(order) == 0:
+            raise DataUnavailableError(f"{self.name}: no decodable image under {str(self.root)!r}")
+        self._files = [files[i] for i in order]
+        self._labels = [labels[i] for i in order]
+        self._sizes = [(self.root / f).stat().st_size for f in self._files]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_indices)
+
+    def _decodes(self, rel: str) -> bool:
+        try:
+            decode_image(self.root / rel)
+            return True
+        except Exception as e:
+            log.warning("skipping undecodable image %s: %s", self.root / rel, e)
+            return False
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path = self.root / self._files[index]
+        try:
+            img = decode_image(path)
+        except Exception as e:
+            raise DatasetFormatError(
+                f"image {path} cannot be decoded ({e}); set on_bad_image=skip to drop such images"
+            ) from e
+        return img, self._labels[index]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self._labels, dtype=np.int64)
+
+    def listing_fingerprint(self) -> str:
+        """The kept files, their labels and sizes, hashed."""
+        return fingerprint_of(self._files, self._labels, self._sizes)
