@@ -166,9 +166,9 @@ def _build(
 def _chosen_protocol(kw: dict[str, Any], section: str) -> dict[str, Any]:
     """The section of its chosen protocol; the shared keys that protocol's kind does not read must be
     unset (a split file given to the protocol that reads none is a mistake, not a no-op) and are dropped."""
-    if kw.get(PROTOCOLS_KEY) is None:
+    if kw.get(PROTOCOLS_KEY) is None and kw.get(PROTOCOL_KEY) is None:
         return kw
-    kw = apply_protocol(kw, section)
+    kw = apply_protocol(kw, section)  # a no-op on a section already resolved (DatasetSettings.section)
     allowed = zeroshot_dataset_keys(kw.get("kind"))
     if allowed is None:
         return kw
