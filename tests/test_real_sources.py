@@ -408,23 +408,12 @@ def _published_al(root: Path, domains, target: str, class_filter=None, suffixes=
         train_all, val_all, test_all = {}, {}, {}
         for d in domains:
             data, _ = _scan_dir(root / d, class_filter, suffixes)
-            train_all[d], val_all[d], test_all[d] = _published_domain_code_keep_rng(data)
+            train_all[d], val_all[d], test_all[d] = _published_domain_code(data)
         pool = [x for d in domains for x in train_all[d]]
         random.shuffle(pool)
     finally:
         random.setstate(state)
     return pool, val_all[target], test_all[target]
-
-
-def _published_domain_code_keep_rng(data):
-    random.seed(42)
-    random.shuffle(data)
-    data_trainval, data_test = data[: int(0.8 * len(data))], data[int(0.8 * len(data)) :]
-    data_train, data_val = (
-        data_trainval[: int(0.8 * len(data_trainval))],
-        data_trainval[int(0.8 * len(data_trainval)) :],
-    )
-    return data_train, data_val, data_test
 
 
 def test_officehome_published_protocol_is_the_published_code(compose, replica_folders):

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from uqvlm.config_utils import to_plain
 from uqvlm.data.base import ZeroShotDataset, fingerprint_of
+from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,21 @@ class LabelledFiles(ZeroShotDataset):
     on_bad_image: str
     n: int | None
     seed: int
+
+    def _set_classes(
+        self, own: list[str], classnames: Any, own_spec: str, templates: Any, where: str
+    ) -> None:
+        """Class names (``classnames == own_spec``: the source's own, ``own``; else a list of as many) and
+        templates (a set name or a list: these sources have no templates file)."""
+        spec = to_plain(classnames)
+        self.classnames = list(own) if spec == own_spec else [str(c) for c in spec]
+        if len(self.classnames) != len(own):
+            raise DatasetFormatError(
+                f"{len(self.classnames)} class names for the {len(own)} classes of {where}"
+            )
+        self.templates = resolve_templates(to_plain(templates)) or []
+        if not self.templates:
+            raise ValueError(f"{where} has no templates file: give a template set name or a list")
 
     def _index_files(self, files: list[str], labels: list[int]) -> None:
         """Keep the listed items (a seeded subset of ``n``; undecodable ones dropped under ``skip``)."""

@@ -30,10 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from uqvlm.config_utils import to_plain
 from uqvlm.data.base import fingerprint_of
 from uqvlm.data.sources.common import LabelledFiles, _check_on_bad_image
-from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 IMAGENET_WNIDS: list[str] = """
@@ -268,17 +266,7 @@ class ImageNetRFolder(LabelledFiles):
             items.extend((p, label) for p in folder.iterdir() if p.suffix == ".jpg")
         items.sort(key=lambda item: item[0])
         self.class_ids = [wnid for wnid, _ in entries]
-        spec = to_plain(classnames)
-        self.classnames = [c for _, c in entries] if spec == "readme" else [str(c) for c in spec]
-        if len(self.classnames) != len(entries):
-            raise DatasetFormatError(
-                f"{len(self.classnames)} class names for the {len(entries)} classes of {readme}"
-            )
-        self.templates = resolve_templates(to_plain(templates)) or []
-        if not self.templates:
-            raise ValueError(
-                "the ImageNet-R folder has no templates file: give a template set name or a list"
-            )
+        self._set_classes([c for _, c in entries], classnames, "readme", templates, str(readme))
         if not items:
             raise DataUnavailableError(f"{str(self.root)!r}: no .jpg images in the class folders of {README}")
         self._index_files(

@@ -38,7 +38,6 @@ from uqvlm.cache import file_digest
 from uqvlm.config_utils import to_plain
 from uqvlm.data.base import ZeroShotDataset, fingerprint_of
 from uqvlm.data.sources.common import LabelledFiles, _check_on_bad_image, _subsample
-from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError
 
 # ------------------------------------------------------------------------------------------ CoOp split files
@@ -151,15 +150,7 @@ class ZhouSplitZeroShot(LabelledFiles):
         if not entries:
             raise DataUnavailableError(f"{self.split_file}: the {split!r} split is empty")
         names = zhou_classnames(splits, str(self.split_file))
-        spec = to_plain(classnames)
-        self.classnames = names if spec == "split_file" else [str(c) for c in spec]
-        if len(self.classnames) != len(names):
-            raise DatasetFormatError(
-                f"{len(self.classnames)} class names for the {len(names)} classes of {self.split_file}"
-            )
-        self.templates = resolve_templates(to_plain(templates)) or []
-        if not self.templates:
-            raise ValueError("split files have no templates: give a template set name or a list")
+        self._set_classes(names, classnames, "split_file", templates, str(self.split_file))
         files = [rel for rel, _, _ in entries]
         missing = [f for f in files if not (self.root / f).is_file()]
         if missing:
