@@ -108,3 +108,24 @@ def test_offline_fetch_of_the_paper_grid_lists_every_missing_artefact(tmp_path, 
             assert f"by hand dataset {section['name']}:" in out
     assert "not ready" in out
     print(f"offline fetch of the paper grid: {elapsed:.1f} s")  # measured for the report, not asserted
+
+
+def test_weights_in_the_hub_cache_are_found_under_either_file_name(tmp_path, monkeypatch, capsys):
+    """open_clip's hub weights are open_clip_model.safetensors or open_clip_pytorch_model.bin: either one
+    cached is enough; the published factors, not cached and not reachable, are missing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    repo = get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].strip("/")
+    root = tmp_path / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("c" * 40)
+    (root / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    (root / "snapshots" / ("c" * 40) / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    base_url = f"http://127.0.0.1:{_closed_port()}/hessians"
+    args = ["fetch", "task=hessian", "model=clip-b32", f"hessian_data.base_url={base_url}"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, f"paths.cache_dir={tmp_path / 'cache'}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 1
+    assert f"present model ViT-B-32 (laion2b_s34b_b79k): weights {repo}" in out
+    assert "missing published factors CLIP-ViT-B-32-laion2B-s34B-b79K" in out

@@ -69,6 +69,22 @@ def cc12m(hf_home):
     return snap
 
 
+def fitted_posteriors(compose, tiny_checkpoint, tmp_path, *overrides) -> int:
+    """Run task=hessian (KFAC, class batches of 10) on the tiny model; the posteriors it cached."""
+    run_task(
+        compose(
+            "task=hessian",
+            *overrides,
+            "hessian_data.class_batch=10",
+            "posterior=kfac",
+            f"model.pretrained={tiny_checkpoint}",
+            f"paths.cache_dir={tmp_path}/cache",
+            f"paths.results_dir={tmp_path}/results",
+        )
+    )
+    return len(list((tmp_path / "cache" / "posteriors").glob("kfac-*.pt")))
+
+
 def _cc12m_section(compose, *overrides):
     return compose("hessian_data=cc12m", *overrides).hessian_data
 
@@ -97,17 +113,7 @@ def test_cc12m_beyond_the_cached_shards_fails_fast_offline(cc12m, compose):
 
 def test_hessian_task_on_cc12m_and_fetch_finds_its_shards(cc12m, tiny_checkpoint, tmp_path, compose, capsys):
     common = ["task=hessian", "hessian_data=cc12m", "hessian_data.n=20", "hessian_data.pairs_per_shard=12"]
-    run_task(
-        compose(
-            *common,
-            "hessian_data.class_batch=10",
-            "posterior=kfac",
-            f"model.pretrained={tiny_checkpoint}",
-            f"paths.cache_dir={tmp_path}/cache",
-            f"paths.results_dir={tmp_path}/results",
-        )
-    )
-    assert len(list((tmp_path / "cache" / "posteriors").glob("kfac-*.pt"))) == 1
+    assert fitted_posteriors(compose, tiny_checkpoint, tmp_path, *common) == 1
     capsys.readouterr()
     cli.main(["fetch", *common, f"model.pretrained={tiny_checkpoint}"])  # everything cached: exit status 0
     out = " ".join(capsys.readouterr().out.split())
@@ -154,18 +160,7 @@ def test_flickr30k_parquet_conversion_gives_the_karpathy_train_pairs(
     assert sorted(pairs[i][1] for i in range(len(pairs))) == sorted(
         f"image {i} caption {j}" for i in flickr for j in range(5)
     )
-    run_task(
-        compose(
-            "task=hessian",
-            "hessian_data=flickr30k",
-            "hessian_data.class_batch=10",
-            "posterior=kfac",
-            f"model.pretrained={tiny_checkpoint}",
-            f"paths.cache_dir={tmp_path}/cache",
-            f"paths.results_dir={tmp_path}/results",
-        )
-    )
-    assert len(list((tmp_path / "cache" / "posteriors").glob("kfac-*.pt"))) == 1
+    assert fitted_posteriors(compose, tiny_checkpoint, tmp_path, "hessian_data=flickr30k") == 1
     capsys.readouterr()
     cli.main(["fetch", "task=hessian", "hessian_data=flickr30k", f"model.pretrained={tiny_checkpoint}"])
     out = " ".join(capsys.readouterr().out.split())

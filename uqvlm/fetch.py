@@ -49,6 +49,8 @@ def job_overrides(overrides: list[str], multirun: bool = False) -> list[list[str
     from hydra.types import RunMode
 
     parser = OverridesParser.create()
+    # Hydra's own settings (a launcher, its partition) choose no artefact, and their plugins may be absent.
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra/", "hydra."))]
     parsed = parser.parse_overrides(overrides)
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     base = _compose(plain, hydra_config=True)
