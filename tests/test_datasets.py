@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from uqvlm.data.registry import PAIR_KINDS, ZEROSHOT_KINDS, build_pair_dataset, build_zeroshot_dataset
@@ -385,6 +385,13 @@ def test_templates():
         check_templates(["a photo of a {}."])
 
 
+def config_file(path) -> DictConfig:
+    """A config file's section as Hydra composes it: its ``defaults`` list is Hydra's, not a key."""
+    cfg = OmegaConf.load(path)
+    cfg.pop("defaults", None)
+    return cfg
+
+
 def test_registry_builds_from_configs(hf_dir, tmp_path):
     assert {"hf", "imagefolder"} <= set(ZEROSHOT_KINDS) and {"wds", "hf"} <= set(PAIR_KINDS)
     cfg = OmegaConf.create(
@@ -407,7 +414,7 @@ def test_registry_builds_from_configs(hf_dir, tmp_path):
     ds = build_zeroshot_dataset(cfg)
     assert isinstance(ds, HFZeroShot) and len(ds) == 5 and ds.name == "toy"
     _folder(tmp_path / "f", {"x": 1, "y": 1})
-    folder_cfg = OmegaConf.load(REPO / "configs" / "dataset" / "ucf101.yaml")
+    folder_cfg = config_file(REPO / "configs" / "dataset" / "ucf101.yaml")
     with pytest.raises(DataUnavailableError, match="root"):
         build_zeroshot_dataset(folder_cfg)
     folder_cfg.root = str(tmp_path / "f")
@@ -440,7 +447,7 @@ HUB_CONFIGS = sorted(
 
 @pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
 def test_hub_configs_fail_fast_offline(path):
-    cfg = OmegaConf.load(path)
+    cfg = config_file(path)
     build = build_pair_dataset if path.parent.name == "hessian_data" else build_zeroshot_dataset
     t0 = time.perf_counter()
     with pytest.raises(DataUnavailableError, match=cfg.source):

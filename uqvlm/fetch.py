@@ -173,8 +173,6 @@ def _fetch_hub(a: Artifact) -> Outcome:
     cache = hub.hub_cache_dir()
     try:
         if a.one_of:
-            if hub_present(a):
-                return Outcome(a, PRESENT)
             errors = []
             for filename in a.allow_patterns:
                 try:
@@ -233,10 +231,13 @@ def resolve(a: Artifact, download: bool) -> Outcome:
     if a.kind == "url":
         # Not a hub file: fetched whenever its host answers (HF_HUB_OFFLINE is the hub's switch).
         return _url_outcome(a)
-    if hub_present(a) and not (download and any(map(_is_glob, a.allow_patterns)) and not a.one_of):
-        return Outcome(a, PRESENT)
+    present = hub_present(a)
     if not download:
-        return Outcome(a, MISSING, "not in the Hugging Face cache")
+        return Outcome(a, PRESENT) if present else Outcome(a, MISSING, "not in the Hugging Face cache")
+    # Files named in full are complete once present; a pattern may match files a partial snapshot lacks,
+    # which snapshot_download fills in (downloading nothing when there are none).
+    if present and (a.one_of or not any(map(_is_glob, a.allow_patterns))):
+        return Outcome(a, PRESENT)
     return _fetch_hub(a)
 
 

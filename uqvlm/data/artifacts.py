@@ -120,7 +120,7 @@ def dataset_artifacts(
 
 def pair_artifacts(section: Mapping[str, Any], path: str = "hessian_data") -> list[Artifact]:
     """The artefacts of a ``hessian_data`` section of image-caption pairs."""
-    from uqvlm.data.hub_shards import shards_for
+    from uqvlm.data.hub_shards import DEFAULT_PAIRS_PER_SHARD, shards_for
     from uqvlm.data.sources.webdataset import expand_braces
 
     kind = section.get("kind")
@@ -129,7 +129,9 @@ def pair_artifacts(section: Mapping[str, Any], path: str = "hessian_data") -> li
         return []
     if kind == "hf_wds":
         names = expand_braces(str(section["shards"]))
-        take = shards_for(section.get("n"), int(section.get("pairs_per_shard") or 5000), len(names))
+        take = shards_for(
+            section.get("n"), int(section.get("pairs_per_shard") or DEFAULT_PAIRS_PER_SHARD), len(names)
+        )
         return [
             _hub_repo(
                 section,

@@ -17,8 +17,10 @@ from uqvlm.data.sources import WebDatasetPairs
 from uqvlm.data.sources.webdataset import WDS_IMAGE_EXTS, expand_braces
 from uqvlm.errors import DataUnavailableError
 
-__all__ = ["HubShardPairs", "shards_for"]
+__all__ = ["DEFAULT_PAIRS_PER_SHARD", "hub_shard_pairs", "shards_for"]
 
+# The shard size assumed when a section gives none (img2dataset writes up to 10,000 samples a shard).
+DEFAULT_PAIRS_PER_SHARD = 5000
 # Margin on the estimated shard count for samples a shard lacks (an image or a caption missing).
 SHARD_MARGIN = 1.05
 
@@ -37,13 +39,13 @@ def _shard_file(repo: str, filename: str, revision: str | None, offline: bool) -
     return hub.fetch_file(repo, filename, repo_type="dataset", revision=revision)
 
 
-def HubShardPairs(  # noqa: N802 - a factory the registry calls like the classes beside it
+def hub_shard_pairs(
     repo: str,
     shards: str | Sequence[str],
     *,
     revision: str | None = None,
     name: str | None = None,
-    pairs_per_shard: int = 5000,
+    pairs_per_shard: int = DEFAULT_PAIRS_PER_SHARD,
     image_exts: Sequence[str] = WDS_IMAGE_EXTS,
     caption_ext: str = "txt",
     n: int | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from uqvlm.config_utils import to_plain
 from uqvlm.data.base import PairDataset, ZeroShotDataset
-from uqvlm.data.hub_shards import HubShardPairs
+from uqvlm.data.hub_shards import hub_shard_pairs
 from uqvlm.data.sections import DatasetSettings, PairDataSettings, PublishedFactorsSettings, task_keys
 from uqvlm.data.shapes import ShapesPairs, ShapesZeroShot
 from uqvlm.data.sources import HFPairs, HFZeroShot, ImageFolderZeroShot, WebDatasetPairs
@@ -50,7 +50,7 @@ ZEROSHOT_KINDS: dict[str, Callable[..., ZeroShotDataset]] = {
 PAIR_KINDS: dict[str, Callable[..., PairDataset]] = {
     "wds": WebDatasetPairs,
     "hf": HFPairs,
-    "hf_wds": HubShardPairs,
+    "hf_wds": hub_shard_pairs,
     "shapes": _shapes_pairs,
 }
 # The wrappers take the keys of the classes they build.
