@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from uqvlm.data.registry import PAIR_KINDS, ZEROSHOT_KINDS, build_pair_dataset, build_zeroshot_dataset
@@ -386,6 +386,13 @@ def test_templates():
         check_templates(["a photo of a {}."])
 
 
+def config_file(path) -> DictConfig:
+    """A config file's section as Hydra composes it: its ``defaults`` list is Hydra's, not a key."""
+    cfg = OmegaConf.load(path)
+    cfg.pop("defaults", None)
+    return cfg
+
+
 def test_registry_builds_from_configs(hf_dir, tmp_path):
     assert {"hf", "imagefolder"} <= set(ZEROSHOT_KINDS) and {"wds", "hf"} <= set(PAIR_KINDS)
     cfg = OmegaConf.create(
@@ -454,7 +461,7 @@ def _hub_configs() -> list[tuple[Path, str | None]]:
 def test_hub_configs_fail_fast_offline(path, protocol):
     from uqvlm.data.sections import apply_protocol
 
-    cfg = OmegaConf.load(path)
+    cfg = config_file(path)
     if protocol is not None:
         cfg.protocol = protocol
     build = build_pair_dataset if path.parent.name == "hessian_data" else build_zeroshot_dataset

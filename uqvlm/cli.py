@@ -15,6 +15,7 @@ from uqvlm.console import console
 from uqvlm.errors import UqvlmError
 
 USAGE = """usage: uqvlm run [overrides...]      compose configs/ and run a task (Hydra: --help, --cfg job, -m)
+       uqvlm fetch [-m] [overrides...]   download what those runs need into the caches (for offline nodes)
        uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables
 
 examples:
@@ -22,6 +23,7 @@ examples:
   uqvlm run dataset=shapes-noisy posterior=kfac
   uqvlm run model=clip-b32 dataset=imagenet-r
   uqvlm run -m posterior.prior_precision=1,10,100
+  uqvlm fetch experiment=paper_zeroshot       then on the nodes: HF_HUB_OFFLINE=1 uqvlm run experiment=...
 """
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -162,6 +164,25 @@ def run(overrides: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def fetch(argv: list[str]) -> None:
+    """``uqvlm fetch``: the artefacts of the runs these overrides compose, into the caches (uqvlm/fetch.py).
+    Exits 1 when something is still missing, 2 on bad input (one line)."""
+    from hydra.errors import HydraException
+
+    from uqvlm.fetch import fetch as fetch_artifacts
+
+    try:
+        status = fetch_artifacts(argv)
+    except (UqvlmError, HydraException) as err:
+        if os.environ.get("UQVLM_DEBUG"):
+            raise
+        message = override_error_message(err) if isinstance(err, HydraException) else None
+        console.print(f"[bold red]error:[/] {message or str(err).splitlines()[0]}")
+        raise SystemExit(2) from None
+    if status:
+        raise SystemExit(status)
+
+
 def report(argv: list[str]) -> None:
     import argparse
 
@@ -182,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "run":
         run(rest)
+        return
+    if command == "fetch":
+        fetch(rest)
         return
     if command == "report":
         report(rest)

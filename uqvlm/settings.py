@@ -410,6 +410,30 @@ TASK_SETTINGS: dict[str, type[TaskSettings]] = {
 
 
 # ------------------------------------------------------------------------------------------------ run
+def _check_hessian_data_fits_model(model: ModelSettings, hessian_data: HessianDataSettings) -> None:
+    """Hessian data made for another model stops the run before compute: the shapes world's pairs are for
+    the tiny model only, the published factors for the four checkpoints they were computed on."""
+    from uqvlm.models.tiny import MODEL_NAME
+    from uqvlm.published import chosen_set, no_set_message
+
+    tiny = model.name == MODEL_NAME
+    if isinstance(hessian_data, PublishedFactorsSettings):
+        if tiny:
+            raise ConfigError(
+                f"hessian_data=published: the published factors belong to real checkpoints, not to "
+                f"{MODEL_NAME}; use hessian_data=shapes (its default) or a real model (e.g. model=clip-b32)"
+            )
+        chosen = chosen_set(hessian_data.checkpoint, model.name, model.pretrained)
+        if chosen is None and hessian_data.dir is None:
+            raise ConfigError(no_set_message(model.name, model.pretrained))
+    elif hessian_data.kind == "shapes" and not tiny:
+        raise ConfigError(
+            f"hessian_data=shapes is the shapes world's curvature, made for {MODEL_NAME}, not for {model.name}: "
+            "use its published factors (hessian_data=published, the default of the paper's models) or real "
+            "image-caption pairs (hessian_data=laion400m | cc12m | flickr30k)"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """Everything a task reads, checked; ``config`` is the composed config, resolved (the run record and
@@ -446,6 +470,8 @@ class RunSettings:
                 f"hessian_data=published provides KFAC factors only: use {on_diag[1]}, or Hessian data "
                 "(e.g. hessian_data=laion400m) for a diagonal posterior"
             )
+        if self.task.fitted_structures(self.posterior):
+            _check_hessian_data_fits_model(self.model, self.hessian_data)
         post = self.posterior
         if (
             post.prior_precision == "evidence"

@@ -26,6 +26,7 @@ from typing import Any
 
 from uqvlm.config_utils import require_set, to_plain
 from uqvlm.data.base import PairDataset, ZeroShotDataset
+from uqvlm.data.hub_shards import hub_shard_pairs
 from uqvlm.data.sections import (
     PROTOCOL_KEY,
     PROTOCOLS_KEY,
@@ -82,6 +83,7 @@ SELECTION_KEYS = frozenset({PROTOCOL_KEY, PROTOCOLS_KEY, SUBSET_KEY, CLASS_IDS_K
 PAIR_KINDS: dict[str, Callable[..., PairDataset]] = {
     "wds": WebDatasetPairs,
     "hf": HFPairs,
+    "hf_wds": hub_shard_pairs,
     "shapes": _shapes_pairs,
 }
 # The wrappers take the keys of the classes they build.

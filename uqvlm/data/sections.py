@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from uqvlm.errors import ConfigError
 from uqvlm.validation import check_positive_int
 
+# N of the authors' published factors (scripts/hessian_estimation.py --max_datapoints: 10 x 32,768 pairs).
+PUBLISHED_NUM_DATA = 327_680
 # Metadata of the field that keeps a whole section (for the registry); it is not a key of the section.
 WHOLE_SECTION = {"whole_section": True}
 
@@ -115,15 +117,26 @@ class PairDataSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PublishedFactorsSettings:
-    """``hessian_data=published``: the published BayesVLM KFAC factors in ``dir`` (``???`` until set:
-    ``config_utils.require_set`` names it where the factors are read)."""
+    """``hessian_data=published``: the authors' KFAC factors of the set ``checkpoint`` (None: the model's
+    own), downloaded from ``base_url`` into the cache or read from a local ``dir`` (uqvlm/published.py);
+    ``num_data`` (N, the pairs behind them) is recorded on the posteriors so they can be extended."""
 
     KIND = "published"
 
     name: str
     kind: str
+    checkpoint: str | None = None
+    base_url: str | None = None
     dir: str | None = None
+    num_data: int = PUBLISHED_NUM_DATA
     section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "num_data", check_positive_int("hessian_data.num_data", self.num_data, ConfigError)
+        )
+        if self.dir is None and not self.base_url:
+            raise ConfigError("hessian_data=published needs hessian_data.base_url or hessian_data.dir")
 
 
 HessianDataSettings = PairDataSettings | PublishedFactorsSettings
@@ -134,7 +147,10 @@ def hessian_data_settings(node: Any, path: str = "hessian_data") -> HessianDataS
     section = plain_section(node, path)
     name, kind = str(_required(section, path, "name")), str(_required(section, path, "kind"))
     if kind == PublishedFactorsSettings.KIND:
-        return PublishedFactorsSettings(name=name, kind=kind, dir=section.get("dir"), section=section)
+        keys = ("checkpoint", "base_url", "dir", "num_data")
+        return PublishedFactorsSettings(
+            name=name, kind=kind, **{k: section[k] for k in keys if k in section}, section=section
+        )
     return PairDataSettings(
         name=name, kind=kind, class_batch=_required(section, path, "class_batch"), section=section
     )

@@ -18,7 +18,7 @@ from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likel
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.hessian import ensure_hessian_data, fit_posteriors
 
 
 def output_location(settings: RunSettings) -> tuple[Path, str]:
@@ -105,6 +105,7 @@ def run(settings: RunSettings) -> TaskResult:
     if len(dataset) == 0:
         raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
     model = load_model(settings, dirs)
+    ensure_hessian_data(settings, model, dirs)
     vlm = model.vlm
     image, labels = _features(data.name, model, dirs, dataset, f"{data.name} {dataset.split}")
     text = encode_prompts(
