@@ -15,7 +15,7 @@ from uqvlm.console import console
 from uqvlm.errors import UqvlmError
 
 USAGE = """usage: uqvlm run [overrides...]      compose configs/ and run a task (Hydra: --help, --cfg job, -m)
-       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables
+       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables and REPRODUCTION.md
 
 examples:
   uqvlm run                                   the offline default: tiny CLIP on the shapes world

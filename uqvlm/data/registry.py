@@ -17,6 +17,7 @@ from uqvlm.config_utils import to_plain
 from uqvlm.data.base import PairDataset, ZeroShotDataset
 from uqvlm.data.sections import DatasetSettings, PairDataSettings, PublishedFactorsSettings, task_keys
 from uqvlm.data.shapes import ShapesPairs, ShapesZeroShot
+from uqvlm.data.shapes_proxy import ShapesProxyPairs
 from uqvlm.data.sources import HFPairs, HFZeroShot, ImageFolderZeroShot, WebDatasetPairs
 from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import ConfigError, UqvlmError
@@ -50,6 +51,7 @@ PAIR_KINDS: dict[str, Callable[..., PairDataset]] = {
     "wds": WebDatasetPairs,
     "hf": HFPairs,
     "shapes": _shapes_pairs,
+    "shapes-proxy": ShapesProxyPairs,
 }
 # The wrappers take the keys of the classes they build.
 for _wrapper, _cls in ((_shapes_zeroshot, ShapesZeroShot), (_shapes_pairs, ShapesPairs)):
