@@ -110,6 +110,46 @@ def test_encoder_flops_equal_the_architecture_hand_count():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+class _LatentPool(torch.nn.Module):
+    """An image tower that feeds a learned parameter to a submodule, as SigLIP's attention pool feeds its
+    latent query to ``q`` (timm ``AttentionPoolLatent``)."""
+
+    image_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent = torch.nn.Parameter(torch.randn(1, 3))
+        self.q = torch.nn.Linear(3, 5)
+        self.patch = torch.nn.Linear(48, 5)
+
+    def forward(self, x):
+        return self.patch(x.flatten(1)) + self.q(self.latent.expand(len(x), -1))
+
+
+def test_encoder_flops_count_a_tower_that_feeds_a_parameter_to_a_submodule():
+    # FlopCounterMode's module tracker hooks the gradient of every module input that requires one; a
+    # parameter under no_grad has neither a grad_fn nor a way to get one (SigLIP-B/16 failed so).
+    from types import SimpleNamespace
+
+    class Model(torch.nn.Module):
+        context_length = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual, self.text = _LatentPool(), torch.nn.Embedding(10, 6)
+
+        def encode_image(self, pixels):
+            return self.visual(pixels)
+
+        def encode_text(self, tokens):
+            return self.text(tokens).sum(1) @ torch.ones(6, 5)
+
+    model = Model()
+    counts = encoder_flops(SimpleNamespace(model=model), batch=3)
+    assert counts == {"image": 2 * 3 * 48 * 5 + 2 * 3 * 3 * 5, "text": 2 * 3 * 6 * 5}
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
 def test_overhead_summary_refuses_mismatched_sizes():
     a = predictive_costs(3, 4, 6, 4, 3)
     b = predictive_costs(3, 5, 6, 4, 3)

@@ -273,11 +273,21 @@ def encoder_flops(vlm: Any, batch: int = 1) -> dict[str, int]:
     h, w = _image_size(model)
     pixels = torch.zeros(batch, 3, h, w, device=device)
     tokens = torch.zeros(batch, _context_length(model), dtype=torch.long, device=device)
-    with _countable_attention():
-        return {
-            "image": count_flops(model.encode_image, pixels),
-            "text": count_flops(model.encode_text, tokens),
-        }
+    # The counter's module tracker hooks the gradient of every module input that requires one; a view of
+    # a parameter made under no_grad (SigLIP's attention-pool latent, expanded) requires one but has no
+    # grad_fn, which the tracker refuses. Nothing requires a gradient while counting.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with _countable_attention():
+            return {
+                "image": count_flops(model.encode_image, pixels),
+                "text": count_flops(model.encode_text, tokens),
+            }
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------------------- summary
