@@ -17,9 +17,10 @@ import torch
 
 from uqvlm.active.strategies import AcquisitionConfig, ActiveProblem, greedy_epig
 from uqvlm.features import Features
-from uqvlm.laplace import KFACPosterior, infonce_hessian
+from uqvlm.laplace import InfoNCE, KFACPosterior
 
 LOGIT_SCALE = math.log(30.0)
+LIKELIHOOD = InfoNCE(LOGIT_SCALE)  # EPIG's updates add curvature under it
 
 
 def _posterior(
@@ -29,8 +30,10 @@ def _posterior(
     acts = torch.randn(n_data, p, generator=gen, dtype=torch.float64)
     root = math.sqrt(n_data)
     a = acts.T @ acts / root
-    b = infonce_hessian(acts @ weight.T, targets, LOGIT_SCALE) / root
-    return KFACPosterior.from_factors(a, b, n_data, weight=weight, n=10.0, prior_precision=1.0)
+    b = LIKELIHOOD.ggn(acts @ weight.T, targets) / root
+    return KFACPosterior.from_factors(
+        a, b, num_data=n_data, weight=weight, likelihood=LIKELIHOOD, n=10.0, prior_precision=1.0
+    )
 
 
 def problem(n_pool: int, n_target: int, k: int, d: int, p: int, seed: int = 0) -> ActiveProblem:

@@ -3,7 +3,8 @@
 For each class-batch size C (B = C sources, float32, CLIP-like paired embeddings) it times, each in its own
 child process so that the peak-RSS growth of one measurement is not hidden by another's:
 
-- ``infonce_hessian`` and ``siglip_hessian`` (optionally the per-source diagonals),
+- ``infonce_hessian`` and ``siglip_hessian`` (optionally the per-source diagonals), through the likelihood
+  objects the posteriors use (``InfoNCE(...).ggn``, ``SigLIP(...).ggn_diagonals``, ...),
 - the published per-source algorithm (``naive_infonce_hessian``) on a subsample of sources, extrapolated
   linearly to B = C (its cost is exactly linear in the number of sources),
 - one bare C x C x D logits matmul, computed in the same row chunks as the fast path into a reused buffer
@@ -23,10 +24,15 @@ import subprocess
 import sys
 import time
 
-KINDS = ("matmul", "infonce", "siglip", "naive", "infonce_diag", "siglip_diag")
+from uqvlm.laplace.likelihoods import InfoNCE, SigLIP
+
 LOG_SCALE_CLIP = math.log(100.0)
 LOG_SCALE_SIGLIP = math.log(10.0)
 BIAS_SIGLIP = -10.0
+# Timed likelihoods by kind: "<kind>" times .ggn, "<kind>_diag" .ggn_diagonals.
+LIKELIHOODS = {InfoNCE.kind: InfoNCE(LOG_SCALE_CLIP), SigLIP.kind: SigLIP(LOG_SCALE_SIGLIP, BIAS_SIGLIP)}
+DIAG_SUFFIX = "_diag"
+KINDS = ("matmul", *LIKELIHOODS, "naive", *(kind + DIAG_SUFFIX for kind in LIKELIHOODS))
 
 
 def _current_rss_bytes() -> int:
@@ -47,8 +53,8 @@ def _child(
 
     # Warm up threads and kernels on a small problem, so the timed runs measure steady state.
     small = torch.randn(64, dim), torch.randn(64, dim)
-    hs.infonce_hessian(*small, LOG_SCALE_CLIP)
-    hs.siglip_hessian(*small, LOG_SCALE_SIGLIP, BIAS_SIGLIP)
+    for likelihood in LIKELIHOODS.values():
+        likelihood.ggn(*small)
     del small
 
     gen = torch.Generator().manual_seed(seed)
@@ -74,26 +80,6 @@ def _child(
     n_sources = n_classes
     if kind == "matmul":
         fn = matmul
-    elif kind == "infonce":
-
-        def fn() -> None:
-            hs.infonce_hessian(source, target, LOG_SCALE_CLIP)
-
-    elif kind == "siglip":
-
-        def fn() -> None:
-            hs.siglip_hessian(source, target, LOG_SCALE_SIGLIP, BIAS_SIGLIP)
-
-    elif kind == "infonce_diag":
-
-        def fn() -> None:
-            hs.infonce_hessian_diagonals(source, target, LOG_SCALE_CLIP)
-
-    elif kind == "siglip_diag":
-
-        def fn() -> None:
-            hs.siglip_hessian_diagonals(source, target, LOG_SCALE_SIGLIP, BIAS_SIGLIP)
-
     elif kind == "naive":
         n_sources = min(naive_sources, n_classes)
         sub = source[:n_sources].clone()
@@ -102,7 +88,11 @@ def _child(
             hs.naive_infonce_hessian(sub, target, LOG_SCALE_CLIP)
 
     else:
-        raise ValueError(f"unknown kind {kind!r}")
+        name = kind.removesuffix(DIAG_SUFFIX)
+        ggn = LIKELIHOODS[name].ggn if name == kind else LIKELIHOODS[name].ggn_diagonals
+
+        def fn() -> None:
+            ggn(source, target)
 
     def timed(f) -> float:
         t0 = time.perf_counter()
@@ -214,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         f"each row is one child process"
     )
     kinds = (
-        ["matmul", "infonce", "siglip"]
-        + (["infonce_diag", "siglip_diag"] if args.diagonals else [])
+        ["matmul", *LIKELIHOODS]
+        + ([kind + DIAG_SUFFIX for kind in LIKELIHOODS] if args.diagonals else [])
         + ["naive"]
     )
     rows = []
@@ -236,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 notes.append(
                     f"timed on {r['sources_timed']} sources ({min(r['times']):.2f} s) x {n_classes // r['sources_timed']}"
                 )
-                raw = r["best"] / res["infonce"]["best"]
+                raw = r["best"] / res[InfoNCE.kind]["best"]
             if len(r["times"]) > 1:
                 notes.append("runs " + ", ".join(f"{x:.3f}" for x in r["times"]))
             if kind != "matmul":
@@ -248,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['best']:.3f}",
                     f"{r['three_mm']:.3f}",
                     f"{r['ratio']:.2f}",
-                    f"{r['ratio'] / res['infonce']['ratio']:.0f} (raw {raw:.0f})" if kind == "naive" else "",
+                    f"{r['ratio'] / res[InfoNCE.kind]['ratio']:.0f} (raw {raw:.0f})"
+                    if kind == "naive"
+                    else "",
                     _fmt_mib(r["peak_growth"]) + ("*" if r["growth_hidden"] else ""),
                     "; ".join(notes),
                 ]

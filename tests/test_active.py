@@ -26,12 +26,18 @@ from uqvlm.active.strategies import (
     STRATEGIES,
     AcquisitionConfig,
     ActiveProblem,
-    add_curvature,
     greedy_epig,
     select,
 )
 from uqvlm.features import Features, LastLayer
-from uqvlm.laplace import DiagPosterior, KFACPosterior, infonce_hessian, infonce_hessian_diagonals
+from uqvlm.laplace import (
+    DiagPosterior,
+    InfoNCE,
+    KFACPosterior,
+    SigLIP,
+    infonce_hessian,
+    infonce_hessian_diagonals,
+)
 
 F64 = torch.float64
 
@@ -210,6 +216,7 @@ def _kfac(
         n_data,
         weight=weight,
         bias=b,
+        likelihood=InfoNCE(3.0),
         n=10.0,
         prior_precision=0.5,
     )
@@ -236,7 +243,7 @@ def test_epig_update_adds_the_outer_product_and_leaves_the_posterior_untouched()
     post = prob.image_post
     a_before, b_before = post.A.clone(), post.B.clone()
     act, z = prob.pool.activations[3], prob.pool.embeddings[3]
-    new = add_curvature(post, act, z, prob.text.embeddings, prob.logit_scale)
+    new = post.with_point(act, z, prob.text.embeddings)
     a_aug = torch.cat([act, torch.ones(1, dtype=F64)])
     root, new_root = math.sqrt(post.num_data), math.sqrt(post.num_data + 1)
     sum_a = new.A * new_root - a_before * root  # what the update added to the sum of a a^T
@@ -250,22 +257,26 @@ def test_epig_update_adds_the_outer_product_and_leaves_the_posterior_untouched()
     assert (new.embedding_variance(act[None]) < post.embedding_variance(act[None])).all()
 
     diag = DiagPosterior.from_diagonal(
-        torch.rand(6, 9, dtype=F64), 200, weight=post.last_layer.weight, bias=post.last_layer.bias
+        torch.rand(6, 9, dtype=F64),
+        200,
+        weight=post.last_layer.weight,
+        bias=post.last_layer.bias,
+        likelihood=InfoNCE(prob.logit_scale),
     )
     g_before = diag.ggn_diagonal.clone()
-    new_diag = add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=2)
+    new_diag = diag.with_point(act, z, prob.text.embeddings, copies=2)
     hd = infonce_hessian_diagonals(z[None], prob.text.embeddings, 3.0)[0]
     assert torch.allclose(new_diag.ggn_diagonal, g_before + 2.0 * torch.outer(hd, a_aug.square()), atol=1e-12)
     assert torch.equal(diag.ggn_diagonal, g_before) and new_diag.num_data == 202
     with pytest.raises(ValueError, match="positive integer"):
-        add_curvature(diag, act, z, prob.text.embeddings, prob.logit_scale, scale=1.5)
+        diag.with_point(act, z, prob.text.embeddings, copies=1.5)
 
 
 @pytest.mark.parametrize("structure", ["kfac", "diag"])
 @pytest.mark.parametrize("logit_bias", [None, -1.5], ids=["infonce", "siglip"])
 @pytest.mark.parametrize("scale", [1, 3])
 def test_epig_updates_equal_the_posterior_rebuilt_with_the_acquired_points(structure, logit_bias, scale):
-    """add_curvature steps against the independent truth: update() from scratch on the Hessian data plus
+    """with_point steps against the independent truth: update() from scratch on the Hessian data plus
     ``scale`` copies of every acquired point (scored against the class embeddings), N included."""
     gen = torch.Generator().manual_seed(5)
     d, p, n_data, log_scale = 5, 7, 40, 2.0
@@ -275,24 +286,22 @@ def test_epig_updates_equal_the_posterior_rebuilt_with_the_acquired_points(struc
     embs = acts @ weight.T + bias
     targets = torch.randn(30, d, generator=gen, dtype=F64)
     classes = torch.randn(4, d, generator=gen, dtype=F64)
-    likelihood = "infonce" if logit_bias is None else "siglip"
+    likelihood = InfoNCE(log_scale) if logit_bias is None else SigLIP(log_scale, logit_bias)
     cls = KFACPosterior if structure == "kfac" else DiagPosterior
 
     def rebuilt(acquired: int) -> KFACPosterior | DiagPosterior:
-        post = cls(LastLayer(weight, bias), n=10.0, prior_precision=0.5)
+        post = cls(LastLayer(weight, bias), likelihood=likelihood, n=10.0, prior_precision=0.5)
         for start in range(0, n_data, 16):
             rows = slice(start, min(n_data, start + 16))
-            post.update(acts[rows], embs[rows], targets, log_scale, logit_bias, likelihood)
+            post.update(acts[rows], embs[rows], targets)
         for i in range(n_data, n_data + acquired):
-            post.update(
-                acts[i].repeat(scale, 1), embs[i].repeat(scale, 1), classes, log_scale, logit_bias, likelihood
-            )
+            post.update(acts[i].repeat(scale, 1), embs[i].repeat(scale, 1), classes)
         return post.finalize()
 
     post = rebuilt(0)
     for step in range(1, 4):
         i = n_data + step - 1
-        post = add_curvature(post, acts[i], embs[i], classes, log_scale, logit_bias, scale=scale)
+        post = post.with_point(acts[i], embs[i], classes, copies=scale)
         truth = rebuilt(step)
         assert post.num_data == truth.num_data == n_data + step * scale
         if structure == "kfac":
@@ -327,12 +336,24 @@ def _random_epig_instance(seed: int) -> ActiveProblem:
     gen = torch.Generator().manual_seed(1000 + seed)
     k, d, p = 2 + seed % 3, 4 + seed % 3, 5 + seed % 4
     prob = toy_problem(seed, n_pool=12 + seed % 19, n_target=5 + seed % 9, k=k, d=d, p=p)
-    image_post = prob.image_post
+    bias = -1.5 if seed % 2 else None
+    # EPIG's updates add curvature under the likelihood of the problem's logits.
+    likelihood = InfoNCE(prob.logit_scale) if bias is None else SigLIP(prob.logit_scale, bias)
+    image_post, ll = prob.image_post, prob.image_post.last_layer
     if seed % 5 == 1:
         ggn = torch.rand(d, p + 1, generator=gen, dtype=F64) * 50
-        ll = image_post.last_layer
         image_post = DiagPosterior.from_diagonal(
-            ggn, 200, weight=ll.weight, bias=ll.bias, prior_precision=0.5
+            ggn, 200, weight=ll.weight, bias=ll.bias, likelihood=likelihood, prior_precision=0.5
+        )
+    else:
+        image_post = KFACPosterior.from_factors(
+            image_post.A,
+            image_post.B,
+            image_post.num_data,
+            weight=ll.weight,
+            bias=ll.bias,
+            likelihood=likelihood,
+            prior_precision=image_post.prior_precision,
         )
     image_post.n = [1.0, 10.0, 1e3][seed % 3]
     pool = prob.pool
@@ -342,7 +363,6 @@ def _random_epig_instance(seed: int) -> ActiveProblem:
             torch.cat([pool.activations, pool.activations[dup]]),
             torch.cat([pool.embeddings, pool.embeddings[dup]]),
         )
-    bias = -1.5 if seed % 2 else None
     return ActiveProblem(pool, prob.target, prob.text, prob.logit_scale, bias, image_post, prob.text_post)
 
 

@@ -78,3 +78,36 @@ def test_cache_key_depends_on_every_part():
     base = cache_key(model="m", data="d", n=1)
     assert base == cache_key(data="d", n=1, model="m")
     assert len({base, cache_key(model="m2", data="d", n=1), cache_key(model="m", data="d", n=2)}) == 3
+
+
+def test_posteriors_another_state_version_cached_are_rebuilt(
+    tmp_path, tiny_checkpoint, settings_of, monkeypatch
+):
+    """A cached posterior of another state format sits under another key: it is rebuilt, never misread
+    (nor refused), and the posteriors come back with the model's likelihood."""
+    from uqvlm.laplace import base, likelihood_for
+    from uqvlm.tasks import hessian
+    from uqvlm.tasks.common import load_model, prepare_dirs
+
+    settings = settings_of(
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.results_dir={tmp_path / 'results'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"model.pretrained={tiny_checkpoint}",
+        "hessian_data.n=64",
+        "hessian_data.class_batch=32",
+    )
+    dirs = prepare_dirs(settings.paths)
+    model = load_model(settings, dirs)
+    # An older uqvlm writes its entry ...
+    monkeypatch.setattr(base, "STATE_VERSION", base.STATE_VERSION - 1)
+    monkeypatch.setattr(hessian, "STATE_VERSION", base.STATE_VERSION)
+    old, _ = hessian.fit_posteriors(settings.hessian_data, model, dirs, "kfac")
+    monkeypatch.undo()
+    # ... which this one leaves alone.
+    posts, ident = hessian.fit_posteriors(settings.hessian_data, model, dirs, "kfac")
+    assert len(list((tmp_path / "cache" / "posteriors").glob("kfac-*.pt"))) == 2
+    likelihood = likelihood_for(model.vlm)
+    assert posts["image"].likelihood == posts["text"].likelihood == likelihood
+    assert ident["likelihood"] == likelihood.state() and ident["state_version"] == base.STATE_VERSION
+    torch.testing.assert_close(posts["image"].B, old["image"].B, rtol=0, atol=0)

@@ -1,8 +1,10 @@
-"""Tests of uqvlm.laplace.hessians against an independent autograd GGN (torch.func)."""
+"""Tests of uqvlm.laplace.hessians (and the likelihood objects that bind them) against an independent
+autograd GGN (torch.func)."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,13 @@ from uqvlm.laplace.hessians import (
     naive_infonce_hessian,
     siglip_hessian,
     siglip_hessian_diagonals,
+)
+from uqvlm.laplace.likelihoods import (
+    LIKELIHOODS,
+    InfoNCE,
+    SigLIP,
+    likelihood_for,
+    likelihood_from_state,
 )
 
 F64 = torch.float64
@@ -328,3 +337,34 @@ def test_float32_far_subnormal_weights_close_to_float64():
     assert rel_err(infonce_hessian(source, target, ls, chunk_size=37), ref) <= 5e-5
     ref_d = infonce_hessian_diagonals(source.to(F64), target.to(F64), ls)
     assert rel_err(infonce_hessian_diagonals(source, target, ls, chunk_size=37), ref_d) <= 5e-5
+
+
+# --------------------------------------------------------------------------------------------------------
+# likelihood objects
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [None, -4.0])
+def test_likelihood_objects_give_the_autograd_ggn(bias):
+    source, target, _ = make_inputs(3, 6, 9, 5)
+    ls = math.log(20.0)
+    likelihood = (
+        InfoNCE(torch.tensor(ls, dtype=F64)) if bias is None else SigLIP(ls, torch.tensor(bias, dtype=F64))
+    )
+    truth = autograd_ggns(source, target, ls, logit_bias=bias)
+    assert rel_err(likelihood.ggn(source, target), truth.sum(0)) <= 1e-10
+    assert rel_err(likelihood.ggn_diagonals(source, target), torch.diagonal(truth, dim1=1, dim2=2)) <= 1e-10
+
+
+def test_likelihood_of_a_model_and_its_state():
+    clip = likelihood_for(SimpleNamespace(logit_scale=4.6, logit_bias=None))
+    siglip = likelihood_for(SimpleNamespace(logit_scale=2.3, logit_bias=-10.0))
+    assert clip == InfoNCE(4.6) and siglip == SigLIP(2.3, -10.0)
+    assert set(LIKELIHOODS) == {clip.state()["kind"], siglip.state()["kind"]}
+    for likelihood in (clip, siglip):
+        assert likelihood_from_state(likelihood.state()) == likelihood
+    assert likelihood_from_state(None) is None
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        likelihood_from_state({"kind": "mse", "logit_scale": 1.0})
+    with pytest.raises(ValueError, match="InfoNCE"):
+        likelihood_from_state({"kind": "infonce", "logit_scale": 1.0, "logit_bias": 0.0})

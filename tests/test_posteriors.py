@@ -6,20 +6,20 @@ import io
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.func import jacrev
 
-import uqvlm.laplace.base as base_mod
 from uqvlm.features import LastLayer
 from uqvlm.laplace import (
     DiagPosterior,
+    InfoNCE,
     KFACPosterior,
     Laplace,
     LastLayerPosterior,
     MAPPosterior,
+    SigLIP,
     diag_log_evidence,
     grid_search_prior,
     kfac_log_evidence,
@@ -61,36 +61,37 @@ def brute_ggn(
     return jac.T @ h_out @ jac
 
 
-def _brute_module() -> SimpleNamespace:
-    def inf(src, tgt, ls):
-        return sum(brute_ggn(z, tgt, ls) for z in src)
+class BruteInfoNCE(InfoNCE):
+    """InfoNCE whose GGNs come from autograd, source by source (records itself as InfoNCE)."""
 
-    def sig(src, tgt, ls, lb):
-        return sum(brute_ggn(z, tgt, ls, lb) for z in src)
+    def ggn(self, sources, targets):
+        return sum(brute_ggn(z, targets, self.logit_scale) for z in sources)
 
-    def inf_d(src, tgt, ls):
-        return torch.stack([brute_ggn(z, tgt, ls).diagonal() for z in src])
+    def ggn_diagonals(self, sources, targets):
+        return torch.stack([brute_ggn(z, targets, self.logit_scale).diagonal() for z in sources])
 
-    def sig_d(src, tgt, ls, lb):
-        return torch.stack([brute_ggn(z, tgt, ls, lb).diagonal() for z in src])
 
-    return SimpleNamespace(
-        infonce_hessian=inf,
-        siglip_hessian=sig,
-        infonce_hessian_diagonals=inf_d,
-        siglip_hessian_diagonals=sig_d,
-    )
+class BruteSigLIP(SigLIP):
+    """SigLIP whose GGNs come from autograd, source by source (records itself as SigLIP)."""
+
+    def ggn(self, sources, targets):
+        return sum(brute_ggn(z, targets, self.logit_scale, self.logit_bias) for z in sources)
+
+    def ggn_diagonals(self, sources, targets):
+        return torch.stack(
+            [brute_ggn(z, targets, self.logit_scale, self.logit_bias).diagonal() for z in sources]
+        )
 
 
 @pytest.fixture(params=["brute", "real"])
-def hessians(request, monkeypatch):
-    """Run accumulation tests with the brute-force Hessians and with uqvlm.laplace.hessians."""
-    if request.param == "brute":
-        module = _brute_module()
-        monkeypatch.setattr(base_mod, "_hessian_module", lambda: module)
-    else:
-        pytest.importorskip("uqvlm.laplace.hessians")
-    return request.param
+def likelihood_of(request):
+    """``likelihood_of(kind)``: accumulation tests run with brute-force autograd GGNs and with uqvlm's."""
+    infonce, siglip = (BruteInfoNCE, BruteSigLIP) if request.param == "brute" else (InfoNCE, SigLIP)
+
+    def make(kind: str) -> InfoNCE | SigLIP:
+        return siglip(LOG_SCALE, BIAS) if kind == "siglip" else infonce(LOG_SCALE)
+
+    return make
 
 
 def _layer(d: int, p: int, bias: bool, seed: int = 0, scale: float = 0.3) -> LastLayer:
@@ -117,10 +118,10 @@ def _augment(a: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1) if bias else a
 
 
-def _fit(structure: str, layer: LastLayer, batches, likelihood: str, n: float = 3.0, lam: float = 0.7):
-    post = Laplace(layer, structure=structure, n=n, prior_precision=lam)
+def _fit(structure: str, layer: LastLayer, batches, likelihood, n: float = 3.0, lam: float = 0.7):
+    post = Laplace(layer, structure, likelihood=likelihood, n=n, prior_precision=lam)
     for a, z, tgt in batches:
-        post.update(a, z, tgt, LOG_SCALE, BIAS if likelihood == "siglip" else None, likelihood=likelihood)
+        post.update(a, z, tgt)
     return post.finalize()
 
 
@@ -151,10 +152,10 @@ def _damped(mat: torch.Tensor, n: float, lam: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("likelihood", ["infonce", "siglip"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kfac_factors_equal_brute_force_sums(hessians, likelihood, bias):
+def test_kfac_factors_equal_brute_force_sums(likelihood_of, likelihood, bias):
     layer = _layer(4, 3, bias)
     batches = _batches(layer, [5, 3, 6])
-    post = _fit("kfac", layer, batches, likelihood)
+    post = _fit("kfac", layer, batches, likelihood_of(likelihood))
     lb = BIAS if likelihood == "siglip" else None
     sum_aa = sum(_augment(a, bias).T @ _augment(a, bias) for a, _, _ in batches)
     sum_h = sum(brute_ggn(z, tgt, LOG_SCALE, lb) for _, zs, tgt in batches for z in zs)
@@ -166,10 +167,10 @@ def test_kfac_factors_equal_brute_force_sums(hessians, likelihood, bias):
 
 @pytest.mark.parametrize("likelihood", ["infonce", "siglip"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_diag_ggn_equals_brute_force(hessians, likelihood, bias):
+def test_diag_ggn_equals_brute_force(likelihood_of, likelihood, bias):
     layer = _layer(4, 3, bias, seed=2)
     batches = _batches(layer, [4, 5], seed=3)
-    post = _fit("diag", layer, batches, likelihood)
+    post = _fit("diag", layer, batches, likelihood_of(likelihood))
     lb = BIAS if likelihood == "siglip" else None
     ggn = torch.zeros(4, 3 + bias, dtype=F64)
     for a, zs, tgt in batches:
@@ -178,13 +179,13 @@ def test_diag_ggn_equals_brute_force(hessians, likelihood, bias):
     torch.testing.assert_close(post.ggn_diagonal, ggn, rtol=1e-8, atol=1e-12)
 
 
-def test_update_after_finalize_extends_the_data(hessians):
+def test_update_after_finalize_extends_the_data(likelihood_of):
     layer = _layer(3, 2, True)
     batches = _batches(layer, [3, 4, 2])
-    one = _fit("kfac", layer, batches, "infonce")
-    two = _fit("kfac", layer, batches[:2], "infonce")
+    one = _fit("kfac", layer, batches, likelihood_of("infonce"))
+    two = _fit("kfac", layer, batches[:2], likelihood_of("infonce"))
     a, z, t = batches[2]
-    two.update(a, z, t, LOG_SCALE)
+    two.update(a, z, t)
     with pytest.raises(RuntimeError, match="finalize"):
         two.embedding_variance(a)
     two.finalize()
@@ -334,7 +335,7 @@ def test_evidence_maximiser_finds_dense_grid_argmax(variant):
     assert post.log_evidence(lam_star, variant=variant) >= float(vals[i]) - 1e-9
 
 
-def test_no_eigendecomposition_after_finalize(monkeypatch, hessians):
+def test_no_eigendecomposition_after_finalize(monkeypatch, likelihood_of):
     layer = _layer(3, 2, True)
     calls = {"eigh": 0}
     real_eigh = torch.linalg.eigh
@@ -344,7 +345,7 @@ def test_no_eigendecomposition_after_finalize(monkeypatch, hessians):
         return real_eigh(*args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "eigh", counting)
-    post = _fit("kfac", layer, _batches(layer, [4, 3]), "infonce")
+    post = _fit("kfac", layer, _batches(layer, [4, 3]), likelihood_of("infonce"))
     assert calls["eigh"] == 2  # A and B, once each
     for name in ("eigvalsh", "inv", "cholesky", "slogdet", "det", "solve", "svd"):
         monkeypatch.setattr(torch.linalg, name, _forbidden(name))
@@ -400,7 +401,7 @@ def test_map_posterior_has_zero_variance_and_counts():
     post = Laplace(layer, structure="map")
     assert isinstance(post, MAPPosterior)
     a, z, t = _batches(layer, [4])[0]
-    post.update(a, z, t, LOG_SCALE)  # no Hessian module needed
+    post.update(a, z, t)  # no likelihood needed
     post.finalize()
     assert post.num_data == 4
     assert torch.equal(post.embedding_variance(a), torch.zeros(4, 3, dtype=F64))
@@ -413,9 +414,9 @@ def test_map_posterior_has_zero_variance_and_counts():
 
 @pytest.mark.parametrize("structure", ["kfac", "diag", "map"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_state_dict_roundtrip(hessians, structure, bias):
+def test_state_dict_roundtrip(likelihood_of, structure, bias):
     layer = _layer(3, 2, bias)
-    post = _fit(structure, layer, _batches(layer, [4, 3]), "siglip", n=2.0, lam=0.4)
+    post = _fit(structure, layer, _batches(layer, [4, 3]), likelihood_of("siglip"), n=2.0, lam=0.4)
     buf = io.BytesIO()
     torch.save(post.state_dict(), buf)
     buf.seek(0)
@@ -423,6 +424,7 @@ def test_state_dict_roundtrip(hessians, structure, bias):
     again = LastLayerPosterior.from_state_dict(state)
     assert type(again) is type(post)
     assert (again.n, again.prior_precision, again.num_data) == (2.0, 0.4, 7)
+    assert again.likelihood == SigLIP(LOG_SCALE, BIAS)  # a cached posterior knows its likelihood
     acts = torch.randn(3, 2, dtype=F64)
     torch.testing.assert_close(again.embedding_variance(acts), post.embedding_variance(acts))
     if structure != "map":
@@ -432,14 +434,15 @@ def test_state_dict_roundtrip(hessians, structure, bias):
         other.from_state_dict(state)
 
 
-def test_from_factors_matches_fitted_and_extends(hessians):
+def test_from_factors_matches_fitted_and_extends(likelihood_of):
     layer = _layer(3, 2, True)
     batches = _batches(layer, [4, 3, 5])
-    fitted = _fit("kfac", layer, batches, "infonce")
+    likelihood = likelihood_of("infonce")
+    fitted = _fit("kfac", layer, batches, likelihood)
     built = KFACPosterior.from_factors(
         fitted.A,
         fitted.B,
-        N=fitted.num_data,
+        num_data=fitted.num_data,
         weight=layer.weight,
         bias=layer.bias,
         n=3.0,
@@ -447,18 +450,92 @@ def test_from_factors_matches_fitted_and_extends(hessians):
     )
     acts = torch.randn(3, 2, dtype=F64)
     torch.testing.assert_close(built.embedding_variance(acts), fitted.embedding_variance(acts))
-    partial = _fit("kfac", layer, batches[:2], "infonce")
+    partial = _fit("kfac", layer, batches[:2], likelihood)
     ext = KFACPosterior.from_factors(
-        partial.A, partial.B, N=partial.num_data, weight=layer.weight, bias=layer.bias
+        partial.A,
+        partial.B,
+        num_data=partial.num_data,
+        weight=layer.weight,
+        bias=layer.bias,
+        likelihood=likelihood,
     )
     a, z, t = batches[2]
-    ext.update(a, z, t, LOG_SCALE)
+    ext.update(a, z, t)
     ext.finalize()
     torch.testing.assert_close(ext.A, fitted.A)
     torch.testing.assert_close(ext.B, fitted.B)
-    no_n = KFACPosterior.from_factors(partial.A, partial.B, weight=layer.weight, bias=layer.bias)
-    with pytest.raises(RuntimeError, match="without N"):
-        no_n.update(a, z, t, LOG_SCALE)
+    no_n = KFACPosterior.from_factors(
+        partial.A, partial.B, weight=layer.weight, bias=layer.bias, likelihood=likelihood
+    )
+    with pytest.raises(RuntimeError, match="without num_data"):
+        no_n.update(a, z, t)
+
+
+def test_state_records_the_likelihood_and_refuses_other_versions(likelihood_of):
+    layer = _layer(3, 2, True)
+    post = _fit("kfac", layer, _batches(layer, [4, 3]), likelihood_of("infonce"))
+    state = post.state_dict()
+    assert state["likelihood"] == {"kind": "infonce", "logit_scale": LOG_SCALE}
+    # A state of the previous format (no likelihood) is refused by its version, not half-read.
+    old = {k: v for k, v in state.items() if k != "likelihood"} | {"version": 1}
+    with pytest.raises(ValueError, match="version 1"):
+        LastLayerPosterior.from_state_dict(old)
+    with pytest.raises(ValueError, match="unknown likelihood 'mse'"):
+        LastLayerPosterior.from_state_dict({**state, "likelihood": {"kind": "mse"}})
+    with pytest.raises(ValueError, match="SigLIP"):
+        LastLayerPosterior.from_state_dict({**state, "likelihood": {"kind": "siglip", "logit_scale": 1.0}})
+    no_likelihood = KFACPosterior.from_factors(post.A, post.B, weight=layer.weight, bias=layer.bias)
+    assert LastLayerPosterior.from_state_dict(no_likelihood.state_dict()).likelihood is None
+
+
+class _GGNOnly:
+    """A likelihood with the two GGN methods and nothing else (no state to record)."""
+
+    def ggn(self, sources, targets):
+        return InfoNCE(LOG_SCALE).ggn(sources, targets)
+
+    def ggn_diagonals(self, sources, targets):
+        return InfoNCE(LOG_SCALE).ggn_diagonals(sources, targets)
+
+
+def test_any_object_with_the_ggn_methods_is_a_likelihood():
+    layer = _layer(3, 2, True)
+    batches = _batches(layer, [4, 3])
+    post = _fit("kfac", layer, batches, _GGNOnly())
+    torch.testing.assert_close(post.B, _fit("kfac", layer, batches, InfoNCE(LOG_SCALE)).B, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no state"):
+        post.state_dict()
+    moved = post.to("cpu")  # a copy keeps the very likelihood object
+    assert moved.likelihood is post.likelihood and moved.num_data == 7
+
+
+def test_with_point_needs_a_likelihood_num_data_and_curvature():
+    layer = _layer(3, 2, True)
+    a, z, t = _batches(layer, [4])[0]
+    likelihood = InfoNCE(LOG_SCALE)
+    kfac = _fit("kfac", layer, [(a, z, t)], likelihood)
+    new = kfac.with_point(a[0], z[0], t, copies=2)
+    assert new.num_data == 6 and new.likelihood is likelihood and kfac.num_data == 4
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="copies"):
+            kfac.with_point(a[0], z[0], t, copies=bad)
+    with pytest.raises(ValueError, match="embedding"):
+        kfac.with_point(a[0], z[0, :2], t)
+    with pytest.raises(ValueError, match="activation"):
+        kfac.with_point(a[0, :1], z[0], t)
+    unrecorded = KFACPosterior.from_factors(
+        kfac.A, kfac.B, weight=layer.weight, bias=layer.bias, likelihood=likelihood
+    )
+    with pytest.raises(ValueError, match="num_data"):
+        unrecorded.with_point(a[0], z[0], t)
+    for post in (
+        KFACPosterior.from_factors(kfac.A, kfac.B, 4, weight=layer.weight, bias=layer.bias),
+        DiagPosterior.from_diagonal(torch.ones(3, 3, dtype=F64), 4, weight=layer.weight, bias=layer.bias),
+    ):
+        with pytest.raises(ValueError, match="likelihood"):
+            post.with_point(a[0], z[0], t)
+    with pytest.raises(NotImplementedError, match="MAP"):
+        Laplace(layer, "map").with_point(a[0], z[0], t)
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -480,24 +557,32 @@ def test_rejects_bad_hyperparameters(structure):
 
 def test_rejects_bad_update_input():
     layer = _layer(3, 2, True)
-    post = Laplace(layer, structure="kfac")
+    post = Laplace(layer, structure="kfac", likelihood=InfoNCE(LOG_SCALE))
     a, z, t = _batches(layer, [4])[0]
     cases = [
-        ((a.clone().fill_(float("nan")), z, t), {}, "activations"),
-        ((a[:, :1], z, t), {}, "activations"),
-        ((a[:3], z, t), {}, "source_emb"),
-        ((a, z[:, :2], t), {}, "source_emb"),
-        ((a, z, t[:, :2]), {}, "target_emb"),
-        ((a, z, t.clone().fill_(float("inf"))), {}, "target_emb"),
-        ((a, z, t), {"logit_scale": float("nan")}, "logit_scale"),
-        ((a, z, t), {"likelihood": "siglip"}, "logit_bias"),
-        ((a, z, t), {"logit_bias": 1.0}, "logit_bias"),
-        ((a, z, t), {"likelihood": "mse"}, "likelihood"),
+        ((a.clone().fill_(float("nan")), z, t), "activations"),
+        ((a[:, :1], z, t), "activations"),
+        ((a[:3], z, t), "source_emb"),
+        ((a, z[:, :2], t), "source_emb"),
+        ((a, z, t[:, :2]), "target_emb"),
+        ((a, z, t.clone().fill_(float("inf"))), "target_emb"),
     ]
-    for args, kw, name in cases:
-        kw = {"logit_scale": LOG_SCALE, **kw}
+    for args, name in cases:
         with pytest.raises(ValueError, match=name):
-            post.update(*args, **kw)
+            post.update(*args)
+    # The likelihood's scale and bias are checked once, when it is built.
+    for build, name in [
+        (lambda: InfoNCE(float("nan")), "logit_scale"),
+        (lambda: SigLIP(float("inf"), BIAS), "logit_scale"),
+        (lambda: SigLIP(LOG_SCALE, None), "logit_bias"),
+        (lambda: SigLIP(LOG_SCALE, float("nan")), "logit_bias"),
+        (lambda: Laplace(layer, "kfac", likelihood="siglip"), "likelihood"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            build()
+    for structure in ("kfac", "diag"):  # curvature needs a likelihood
+        with pytest.raises(ValueError, match="likelihood"):
+            Laplace(layer, structure).update(a, z, t)
     assert post.num_data == 0
     with pytest.raises(RuntimeError, match="no data"):
         post.finalize()

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from uqvlm.cli import run_task
+from uqvlm.laplace import likelihood_for
 from uqvlm.laplace.reference import load_published_factors
 from uqvlm.tasks.common import load_model, load_settings, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
@@ -57,6 +58,8 @@ def test_factors_become_the_posterior_of_vit_b_32(reference_hessians, image_fold
     assert posts["image"].last_layer.weight.shape == (512, 768)
     assert posts["text"].last_layer.weight.shape == (512, 512)
     assert ident == {"published": str(reference_hessians)}
+    # EPIG's updates add curvature to them under the model's likelihood.
+    assert posts["image"].likelihood == posts["text"].likelihood == likelihood_for(model.vlm)
 
 
 def test_zeroshot_run_with_published_factors(reference_hessians, image_folder, tmp_path, compose):

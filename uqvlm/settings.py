@@ -20,9 +20,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from uqvlm.active.acquisition import DISTANCES
 from uqvlm.active.domains import pool_domains, split_mode
 from uqvlm.active.finetune import FinetuneConfig
-from uqvlm.active.strategies import STRATEGIES, AcquisitionConfig
+from uqvlm.active.strategies import EPIG_CANDIDATES, STRATEGIES, TARGETED_STRATEGIES, AcquisitionConfig
 from uqvlm.config_utils import require_set
 from uqvlm.data.sections import (
     WHOLE_SECTION,
@@ -70,13 +71,6 @@ T = TypeVar("T")
 
 # Posterior structures with a curvature to estimate from Hessian data (every registered one but MAP).
 FITTED_STRUCTURES = tuple(s for s, cls in STRUCTURES.items() if cls is not MAPPosterior)
-# The targeting distances of active/acquisition.py::gaussian_distances and the candidate sets of
-# active/strategies.py::greedy_epig.
-DISTANCES = ("wasserstein", "cosine")
-EPIG_CANDIDATES = ("targeted", "pool")
-# The strategies that pick the pool points nearest the target points (EPIG: with ``targeted`` candidates),
-# as active/strategies.py::select runs them: a budget beyond k_nearest per target point is out of reach.
-TARGETED_STRATEGIES = ("random-targeted", "entropy-targeted", "bald", "epig")
 # The Laplace evidence; the other variants reproduce published code (KFAC only).
 EXACT_EVIDENCE = EVIDENCE_VARIANTS[0]
 EPIG_DTYPES = {"float64": torch.float64, "float32": torch.float32}

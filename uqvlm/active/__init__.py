@@ -8,7 +8,6 @@ from uqvlm.active.strategies import (
     AcquisitionConfig,
     ActiveProblem,
     Selection,
-    add_curvature,
     greedy_epig,
     select,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "Selection",
-    "add_curvature",
     "assign_nearest_unused",
     "bald",
     "entropy",

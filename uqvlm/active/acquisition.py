@@ -16,6 +16,7 @@ from torch import Tensor
 from uqvlm.probcosine import probcosine
 
 __all__ = [
+    "DISTANCES",
     "entropy",
     "bald",
     "epig",
@@ -30,6 +31,8 @@ __all__ = [
 
 # Elements of one [rows, cols] temporary (distances, EPIG joint blocks): bounds memory.
 MAX_ELEMENTS = 1 << 23
+# The metrics of gaussian_distances (the targeting distance).
+DISTANCES = ("wasserstein", "cosine")
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
@@ -307,7 +310,7 @@ def gaussian_distances(
     if metric == "cosine":
         mean, _ = probcosine(query_mean.double(), query_var.double(), pool_mean.double(), pool_var.double())
         return -mean
-    raise ValueError(f"metric must be 'wasserstein' or 'cosine', got {metric!r}")
+    raise ValueError(f"metric must be {' or '.join(map(repr, DISTANCES))}, got {metric!r}")
 
 
 def _distance_rows(

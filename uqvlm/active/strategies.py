@@ -28,22 +28,27 @@ from uqvlm.active.acquisition import (
     sampled_embeddings,
 )
 from uqvlm.features import Features
-from uqvlm.laplace import DiagPosterior, KFACPosterior
 from uqvlm.laplace.base import LastLayerPosterior
 from uqvlm.methods import cosine_logits
 
 __all__ = [
+    "EPIG_CANDIDATES",
     "STRATEGIES",
+    "TARGETED_STRATEGIES",
     "AcquisitionConfig",
     "ActiveProblem",
     "Selection",
-    "add_curvature",
     "greedy_epig",
     "make_generator",
     "select",
 ]
 
 STRATEGIES = ("random", "random-targeted", "entropy", "entropy-targeted", "bald", "epig")
+# The strategies that pick the pool points nearest the target points (EPIG: with ``targeted`` candidates),
+# as ``select`` runs them: a budget beyond k_nearest per target point is out of reach.
+TARGETED_STRATEGIES = ("random-targeted", "entropy-targeted", "bald", "epig")
+# EPIG's candidate sets (``epig_candidates``): the pool points nearest the targets, or the whole pool.
+EPIG_CANDIDATES = ("targeted", "pool")
 
 
 def make_generator(seed: int, *parts: str) -> torch.Generator:
@@ -97,9 +102,6 @@ class ActiveProblem:
             self.target.activations
         ).double()
 
-    def likelihood(self) -> str:
-        return "siglip" if self.logit_bias is not None else "infonce"
-
 
 @dataclass
 class Selection:
@@ -115,82 +117,6 @@ class Selection:
             return None if x is None else x[:budget]
 
         return Selection(self.indices[:budget], cut(self.scores), cut(self.queries))
-
-
-# ------------------------------------------------------------------------------------------- posterior update
-
-
-def add_curvature(
-    post: LastLayerPosterior,
-    activation: Tensor,
-    embedding: Tensor,
-    class_embeddings: Tensor,
-    logit_scale: float,
-    logit_bias: float | None = None,
-    *,
-    scale: int = 1,
-    num_data: int | None = None,
-) -> LastLayerPosterior:
-    """A NEW posterior with one more (label-free) data point's curvature; ``post`` is left untouched.
-
-    The point's output GGN H is that of the softmax (sigmoid for SigLIP) over the K class text embeddings.
-    The point counts as ``scale`` data points (``scale`` copies of it), so the posterior equals the one
-    ``update`` would build from the Hessian data plus those copies, N included:
-    KFAC: A = (sqrt(N) A + scale a a^T) / sqrt(N + scale), B likewise with H (the sums are recovered from
-    the 1/sqrt(N)-normalised factors, extended, and renormalised by the new count);
-    diagonal: GGN += scale * diag(H) (a * a)^T (a plain sum), N + scale recorded.
-    ``a`` is augmented with a 1 when the layer has a bias. ``num_data``: N for a KFAC posterior that does
-    not record it.
-    """
-    from uqvlm.laplace import hessians
-
-    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
-        raise ValueError(
-            f"scale (the data points an acquired point counts as) must be a positive integer, got {scale!r}"
-        )
-    scale = int(scale)
-    a = activation.detach().double().reshape(-1)
-    if post.has_bias:
-        a = torch.cat([a, a.new_ones(1)])
-    z = embedding.detach().double().reshape(1, -1)
-    ll = post.last_layer
-    if isinstance(post, KFACPosterior):
-        n_data = num_data or post.num_data
-        if not n_data:
-            raise ValueError("the KFAC posterior does not record N; pass num_data (the Hessian-data size)")
-        if logit_bias is None:
-            h = hessians.infonce_hessian(z, class_embeddings.double(), logit_scale)
-        else:
-            h = hessians.siglip_hessian(z, class_embeddings.double(), logit_scale, logit_bias)
-        # N grows by `scale`, not 1: A (x) B = (sum a a^T) (x) (sum H) / N is KFAC's expectation
-        # approximation over one multiset of data, and the point's `scale` copies belong to the sums and to
-        # N alike (update() on the copies gives the same factors).
-        root, new_root = math.sqrt(n_data), math.sqrt(n_data + scale)
-        a = a.to(post.A.device)
-        return KFACPosterior.from_factors(
-            (root * post.A + scale * torch.outer(a, a)) / new_root,
-            (root * post.B + scale * h.to(post.B.device)) / new_root,
-            n_data + scale,
-            weight=ll.weight,
-            bias=ll.bias,
-            n=post.n,
-            prior_precision=post.prior_precision,
-        )
-    if isinstance(post, DiagPosterior):
-        if logit_bias is None:
-            hd = hessians.infonce_hessian_diagonals(z, class_embeddings.double(), logit_scale)[0]
-        else:
-            hd = hessians.siglip_hessian_diagonals(z, class_embeddings.double(), logit_scale, logit_bias)[0]
-        ggn = post.ggn_diagonal
-        return DiagPosterior.from_diagonal(
-            ggn + scale * torch.outer(hd.clamp_min(0).to(ggn.device), a.to(ggn.device).square()),
-            post.num_data + scale if post.num_data else None,
-            weight=ll.weight,
-            bias=ll.bias,
-            n=post.n,
-            prior_precision=post.prior_precision,
-        )
-    raise TypeError(f"EPIG updates need a KFAC or diagonal posterior, got {type(post).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------- strategies
@@ -239,10 +165,12 @@ def _image_samples(
 def epig_candidates(problem: ActiveProblem, cfg: AcquisitionConfig) -> Tensor:
     """EPIG's candidate pool: ``targeted``: every target point (in index order) takes its k nearest pool
     points not taken yet, so there are min(k M, N) distinct candidates; ``pool``: the whole pool."""
+    if cfg.epig_candidates not in EPIG_CANDIDATES:
+        raise ValueError(
+            f"epig candidates must be {' or '.join(map(repr, EPIG_CANDIDATES))}, got {cfg.epig_candidates!r}"
+        )
     if cfg.epig_candidates == "pool":
         return torch.arange(len(problem.pool))
-    if cfg.epig_candidates != "targeted":
-        raise ValueError(f"epig candidates must be 'targeted' or 'pool', got {cfg.epig_candidates!r}")
     count = min(cfg.k_nearest * len(problem.target), len(problem.pool))
     picks, _ = assign_nearest_unused(
         *problem.target_gaussians,
@@ -264,7 +192,8 @@ def greedy_epig(
     *,
     trace: list[dict[str, Tensor]] | None = None,
 ) -> Selection:
-    """Greedy EPIG with the image posterior updated (on copies) after every pick.
+    """Greedy EPIG with the image posterior updated after every pick: ``with_point`` gives a new posterior
+    with the pick's curvature under the posterior's own likelihood (``cfg.epig_update_scale`` copies).
 
     At every step each free candidate gets the exact :func:`epig_upper_bound` of its EPIG under the current
     posterior's samples (computed from the same probabilities its EPIG is, plus a margin for the round-off
@@ -301,14 +230,11 @@ def greedy_epig(
         scores.append(best_score)
         if step + 1 < budget:
             i = picks[-1]
-            post = add_curvature(
-                post,
+            post = post.with_point(
                 problem.pool.activations[i],
                 problem.pool.embeddings[i],
                 problem.text.embeddings,
-                problem.logit_scale,
-                problem.logit_bias,
-                scale=cfg.epig_update_scale,
+                copies=cfg.epig_update_scale,
             )
     return Selection(torch.tensor(picks, dtype=torch.long), torch.tensor(scores, dtype=torch.float64))
 

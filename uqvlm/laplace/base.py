@@ -1,40 +1,33 @@
 """Shared machinery of the last-layer Laplace posteriors (method.md §3-4).
 
 The random parameters are the augmented weight [W | b] of shape [D, p (+1)]: with a bias, the
-activation a becomes [a, 1] so the bias is one more input column. Posteriors are built by streaming
-class batches through ``update`` and calling ``finalize``; afterwards ``n`` and ``prior_precision`` can
-be changed freely without refitting.
+activation a becomes [a, 1] so the bias is one more input column. The likelihood (InfoNCE or SigLIP, with
+the model's logit scale) is fixed when a posterior is built. Posteriors are built by streaming class
+batches through ``update`` and calling ``finalize``; afterwards ``n`` and ``prior_precision`` can be
+changed freely without refitting, and ``with_point`` gives a new posterior with one more data point.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..features import LastLayer
-from ..validation import check_finite, check_positive, check_tensor
+from ..validation import check_positive, check_positive_int, check_tensor
 from .evidence import grid_search_prior as _grid_search_prior
 from .evidence import maximise_evidence
+from .likelihoods import ContrastiveLikelihood, Likelihood, likelihood_from_state
 
-__all__ = ["LastLayerPosterior", "LIKELIHOODS", "STATE_VERSION"]
+__all__ = ["LastLayerPosterior", "STATE_VERSION"]
 
-LIKELIHOODS = ("infonce", "siglip")
-STATE_VERSION = 1
+# 2: the likelihood's identity is part of the state.
+STATE_VERSION = 2
 # Rows of activations processed at once by embedding_variance: bounds the float64 temporaries.
 _ROW_CHUNK = 8192
-
-
-def _hessian_module() -> ModuleType:
-    # Imported on first use so the posteriors load even where the Hessian module is unavailable;
-    # tests replace this function to inject a brute-force reference.
-    return importlib.import_module(f"{__package__}.hessians")
-
 
 _check_tensor = check_tensor
 
@@ -42,11 +35,16 @@ _check_tensor = check_tensor
 class LastLayerPosterior(ABC):
     """Gaussian posterior over the augmented last-layer weight [W | b], centred at the MAP.
 
-    Subclasses implement one curvature structure. ``n`` is the pseudo-data count that scales the
-    likelihood curvature, ``prior_precision`` the isotropic Gaussian prior precision lambda.
+    Subclasses implement one curvature structure. ``likelihood`` gives the output-space GGN of the data
+    (``InfoNCE`` or ``SigLIP``, or any :class:`~uqvlm.laplace.likelihoods.Likelihood`); it may be None
+    for a posterior that is only used for prediction (e.g. built from published factors), and then
+    ``update`` and ``with_point`` refuse. ``n`` is the pseudo-data count that scales the likelihood
+    curvature, ``prior_precision`` the isotropic Gaussian prior precision lambda.
     """
 
     structure: ClassVar[str]
+    # Whether ``update`` computes curvature (and so needs the likelihood); MAP only counts sources.
+    needs_likelihood: ClassVar[bool] = True
     _registry: ClassVar[dict[str, type[LastLayerPosterior]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -54,7 +52,19 @@ class LastLayerPosterior(ABC):
         if "structure" in cls.__dict__:
             LastLayerPosterior._registry[cls.structure] = cls
 
-    def __init__(self, last_layer: LastLayer, n: float = 10.0, prior_precision: float = 1.0) -> None:
+    def __init__(
+        self,
+        last_layer: LastLayer,
+        *,
+        likelihood: Likelihood | None = None,
+        n: float = 10.0,
+        prior_precision: float = 1.0,
+    ) -> None:
+        if likelihood is not None and not isinstance(likelihood, Likelihood):
+            raise ValueError(
+                "likelihood must be an InfoNCE or SigLIP object (anything with .ggn and .ggn_diagonals), "
+                f"got {likelihood!r}"
+            )
         weight = _check_tensor("last_layer.weight", last_layer.weight, 2).detach()
         bias = last_layer.bias
         if bias is not None:
@@ -64,18 +74,25 @@ class LastLayerPosterior(ABC):
                     f"last_layer.bias has {bias.shape[0]} entries, last_layer.weight has {weight.shape[0]} rows"
                 )
         self._last_layer = LastLayer(weight, bias)
+        self._likelihood = likelihood
         # Cached: evidence sweeps need it for every lambda.
         self._weight_sq_norm = float(self.mean_weight.square().sum())
         self.n = n
         self.prior_precision = prior_precision
         self._num_data = 0
         self._fitted = False
+        self._init_curvature()
 
     # ----------------------------------------------------------------------------- properties
     @property
     def last_layer(self) -> LastLayer:
         """The MAP last layer (the posterior mean)."""
         return self._last_layer
+
+    @property
+    def likelihood(self) -> Likelihood | None:
+        """The likelihood whose curvature ``update`` and ``with_point`` add (fixed at construction)."""
+        return self._likelihood
 
     @property
     def has_bias(self) -> bool:
@@ -135,11 +152,11 @@ class LastLayerPosterior(ABC):
         """N, the number of sources accumulated so far (or given to a from_* constructor)."""
         return self._num_data
 
-    def _set_num_data(self, N: Any) -> None:
+    def _set_num_data(self, num_data: Any) -> None:
         """The data count behind factors given to a from_* constructor (so later updates can extend them)."""
-        if isinstance(N, bool) or int(N) != N or N <= 0:
-            raise ValueError(f"N must be a positive integer, got {N!r}")
-        self._num_data = int(N)
+        if isinstance(num_data, bool) or int(num_data) != num_data or num_data <= 0:
+            raise ValueError(f"num_data must be a positive integer, got {num_data!r}")
+        self._num_data = int(num_data)
 
     @property
     def fitted(self) -> bool:
@@ -155,6 +172,14 @@ class LastLayerPosterior(ABC):
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         return a
 
+    def _require_likelihood(self) -> Likelihood:
+        if self._likelihood is None:
+            raise ValueError(
+                f"this {type(self).__name__} has no likelihood to compute curvature with; build it with "
+                "likelihood=InfoNCE(logit_scale) or SigLIP(logit_scale, logit_bias), e.g. likelihood_for(vlm)"
+            )
+        return self._likelihood
+
     def _require_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError(f"{type(self).__name__}: call finalize() before using the posterior")
@@ -169,23 +194,14 @@ class LastLayerPosterior(ABC):
         return lam, nn
 
     # --------------------------------------------------------------------------- accumulation
-    def update(
-        self,
-        activations: Tensor,
-        source_emb: Tensor,
-        target_emb: Tensor,
-        logit_scale: float | Tensor,
-        logit_bias: float | Tensor | None = None,
-        likelihood: str = "infonce",
-    ) -> None:
+    def update(self, activations: Tensor, source_emb: Tensor, target_emb: Tensor) -> None:
         """Add one class batch: B sources with activations [B, p] and unnormalised embeddings [B, D],
-        scored against the C targets [C, D] of the other modality.
+        scored by the posterior's likelihood against the C targets [C, D] of the other modality.
 
-        ``logit_scale`` is the LOG scale; ``logit_bias`` is required for (and only allowed with) SigLIP.
         Sums are kept unnormalised, so updating after ``finalize`` is allowed (finalize again).
         """
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if self.needs_likelihood:
+            self._require_likelihood()
         a = self._augment(activations)
         src = _check_tensor("source_emb", source_emb, 2).detach()
         tgt = _check_tensor("target_emb", target_emb, 2).detach()
@@ -197,18 +213,9 @@ class LastLayerPosterior(ABC):
             raise ValueError(f"target_emb has dim {tgt.shape[1]}, the last layer outputs {self.out_features}")
         if tgt.shape[0] == 0:
             raise ValueError("target_emb must contain at least one target")
-        scale = check_finite("logit_scale", logit_scale)
-        if likelihood == "siglip":
-            if logit_bias is None:
-                raise ValueError("logit_bias is required for likelihood='siglip'")
-            bias = check_finite("logit_bias", logit_bias)
-        else:
-            if logit_bias is not None:
-                raise ValueError("logit_bias must be None for likelihood='infonce'")
-            bias = None
         if a.shape[0] == 0:
             return
-        self._accumulate(a, src, tgt, scale, bias, likelihood)
+        self._accumulate(a, src, tgt)
         self._num_data += a.shape[0]
         self._fitted = False
 
@@ -221,18 +228,39 @@ class LastLayerPosterior(ABC):
         return self
 
     @abstractmethod
-    def _accumulate(
-        self,
-        a: Tensor,
-        source: Tensor,
-        target: Tensor,
-        logit_scale: float,
-        logit_bias: float | None,
-        likelihood: str,
-    ) -> None: ...
+    def _init_curvature(self) -> None:
+        """Set up the structure's (empty) curvature state; called at the end of ``__init__``."""
+
+    @abstractmethod
+    def _accumulate(self, a: Tensor, source: Tensor, target: Tensor) -> None:
+        """Add the curvature of augmented float64 activations [B, p'] whose sources [B, D] are scored
+        against ``target`` [C, D]."""
 
     @abstractmethod
     def _finalize(self) -> None: ...
+
+    def with_point(
+        self, activation: Tensor, embedding: Tensor, targets: Tensor, copies: int = 1
+    ) -> LastLayerPosterior:
+        """A NEW fitted posterior with one more (label-free) data point's curvature; ``self`` is untouched.
+
+        The point has activation [p] and unnormalised embedding [D], scored by the posterior's likelihood
+        against ``targets`` [K, D] (in active learning: the class text embeddings). It counts as ``copies``
+        data points, so the result equals the posterior ``update`` would build from this posterior's data
+        plus ``copies`` copies of the point, ``num_data`` included (EPIG's greedy updates, method.md §7).
+        """
+        copies = check_positive_int("copies (the data points the point counts as)", copies)
+        self._require_fitted()
+        a = self._augment(_check_tensor("activation", activation, 1)[None], "activation")[0]
+        z = _check_tensor("embedding", embedding, 1)
+        if z.shape[0] != self.out_features:
+            raise ValueError(f"embedding has dim {z.shape[0]}, the last layer outputs {self.out_features}")
+        y = _check_tensor("targets", targets, 2)
+        return self._with_point(a, z.detach().double()[None], y.double(), copies)
+
+    @abstractmethod
+    def _with_point(self, a: Tensor, z: Tensor, targets: Tensor, copies: int) -> LastLayerPosterior:
+        """``with_point`` for the augmented float64 activation [p'], embedding [1, D], targets [K, D]."""
 
     # ---------------------------------------------------------------------------- inference
     def embedding_mean(self, activations: Tensor, residuals: Tensor | None = None) -> Tensor:
@@ -332,11 +360,16 @@ class LastLayerPosterior(ABC):
 
     # ------------------------------------------------------------------------------ caching
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and metadata (torch.save-able with weights_only loading)."""
+        """Plain tensors and metadata (torch.save-able with weights_only loading), the likelihood's
+        identity included."""
+        return self._state(self._likelihood_state())
+
+    def _state(self, likelihood: dict[str, Any] | None) -> dict[str, Any]:
         self._require_fitted()
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "structure": self.structure,
+            "likelihood": likelihood,
             "n": self._n,
             "prior_precision": self._prior_precision,
             "num_data": self._num_data,
@@ -346,6 +379,16 @@ class LastLayerPosterior(ABC):
             state["bias"] = self._last_layer.bias.detach().cpu().clone()
         state.update({k: v.detach().cpu().clone() for k, v in self._tensors().items()})
         return state
+
+    def _likelihood_state(self) -> dict[str, Any] | None:
+        if self._likelihood is None:
+            return None
+        if not isinstance(self._likelihood, ContrastiveLikelihood):
+            raise ValueError(
+                f"the likelihood {self._likelihood!r} has no state() to record; a state_dict needs an "
+                "InfoNCE or SigLIP likelihood (or none)"
+            )
+        return self._likelihood.state()
 
     @abstractmethod
     def _tensors(self) -> dict[str, Tensor]: ...
@@ -358,15 +401,16 @@ class LastLayerPosterior(ABC):
         """Rebuild a fitted posterior (of the structure recorded in ``state``) from ``state_dict()``."""
         if not isinstance(state, dict):
             raise ValueError("state must be a dict produced by state_dict()")
+        # The version first: a state of another format may lack (or mean other things by) any other key.
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state has version {state.get('version')!r}, expected {STATE_VERSION}")
         missing = [
             k
-            for k in ("version", "structure", "n", "prior_precision", "num_data", "weight")
+            for k in ("structure", "likelihood", "n", "prior_precision", "num_data", "weight")
             if k not in state
         ]
         if missing:
             raise ValueError(f"state is missing {missing}")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"state has version {state['version']}, expected {STATE_VERSION}")
         target = LastLayerPosterior._registry.get(state["structure"])
         if target is None:
             raise ValueError(f"unknown structure {state['structure']!r} in state")
@@ -374,6 +418,7 @@ class LastLayerPosterior(ABC):
             raise ValueError(f"state holds a {state['structure']!r} posterior, not a {cls.__name__}")
         obj = target(
             LastLayer(state["weight"], state.get("bias")),
+            likelihood=likelihood_from_state(state["likelihood"]),
             n=state["n"],
             prior_precision=state["prior_precision"],
         )
@@ -383,13 +428,17 @@ class LastLayerPosterior(ABC):
         return obj
 
     def to(self, device: torch.device | str) -> LastLayerPosterior:
-        """A copy with every tensor on ``device``."""
-        state = self.state_dict()
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in state.items()}
-        return LastLayerPosterior.from_state_dict(moved)
+        """A copy with every tensor on ``device`` (and the same likelihood object)."""
+        state = self._state(None)  # the likelihood object is carried over as it is, recordable or not
+        moved = LastLayerPosterior.from_state_dict(
+            {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in state.items()}
+        )
+        moved._likelihood = self._likelihood
+        return moved
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(D={self.out_features}, p={self.in_features}, bias={self.has_bias}, "
-            f"n={self._n:g}, prior_precision={self._prior_precision:g}, N={self._num_data}, fitted={self._fitted})"
+            f"n={self._n:g}, prior_precision={self._prior_precision:g}, num_data={self._num_data}, "
+            f"fitted={self._fitted})"
         )

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..features import LastLayer
 from .base import LastLayerPosterior, _check_tensor
 from .evidence import diag_log_evidence
+from .likelihoods import Likelihood
 
 __all__ = ["DiagPosterior"]
 
@@ -22,54 +23,41 @@ class DiagPosterior(LastLayerPosterior):
 
     structure = "diag"
 
-    def __init__(self, last_layer: LastLayer, n: float = 10.0, prior_precision: float = 1.0) -> None:
-        super().__init__(last_layer, n=n, prior_precision=prior_precision)
+    def _init_curvature(self) -> None:
         self._ggn: Tensor | None = None
 
     @classmethod
     def from_diagonal(
         cls,
         ggn: Tensor,
-        N: int | None = None,
+        num_data: int | None = None,
         *,
         weight: Tensor,
         bias: Tensor | None = None,
+        likelihood: Likelihood | None = None,
         n: float = 10.0,
         prior_precision: float = 1.0,
     ) -> DiagPosterior:
         """A fitted posterior from a given GGN diagonal [D, p'] (p' = p (+1 with a bias)).
 
-        ``N`` only records how many sources it summed over (the diagonal is not normalised by N).
+        ``num_data`` only records how many sources it summed over (the diagonal is not normalised by it).
+        ``likelihood``: that of the data behind the diagonal, needed by ``update`` and ``with_point``.
         """
-        post = cls(LastLayer(weight, bias), n=n, prior_precision=prior_precision)
+        post = cls(LastLayer(weight, bias), likelihood=likelihood, n=n, prior_precision=prior_precision)
         g = _check_tensor("ggn", ggn, 2)
         shape = (post.out_features, post.augmented_in_features)
         if tuple(g.shape) != shape:
             raise ValueError(f"ggn must have shape {shape} for this last layer, got {tuple(g.shape)}")
         if (g < 0).any():
             raise ValueError("ggn contains negative entries; a GGN diagonal is non-negative")
-        if N is not None:
-            post._set_num_data(N)
+        if num_data is not None:
+            post._set_num_data(num_data)
         post._ggn = g.detach().to(torch.float64).clone()
         post._fitted = True
         return post
 
-    def _accumulate(
-        self,
-        a: Tensor,
-        source: Tensor,
-        target: Tensor,
-        logit_scale: float,
-        logit_bias: float | None,
-        likelihood: str,
-    ) -> None:
-        from . import base
-
-        hess = base._hessian_module()
-        if likelihood == "infonce":
-            hd = hess.infonce_hessian_diagonals(source, target, logit_scale)
-        else:
-            hd = hess.siglip_hessian_diagonals(source, target, logit_scale, logit_bias)
+    def _accumulate(self, a: Tensor, source: Tensor, target: Tensor) -> None:
+        hd = self._require_likelihood().ggn_diagonals(source, target)
         if tuple(hd.shape) != (a.shape[0], self.out_features):
             raise RuntimeError(
                 f"Hessian diagonals have shape {tuple(hd.shape)}, expected {(a.shape[0], self.out_features)}"
@@ -83,6 +71,21 @@ class DiagPosterior(LastLayerPosterior):
     def _finalize(self) -> None:
         # Round-off can leave tiny negative entries in per-source diagonals; the GGN is PSD.
         self._ggn.clamp_(min=0.0)
+
+    def _with_point(self, a: Tensor, z: Tensor, targets: Tensor, copies: int) -> DiagPosterior:
+        # GGN += copies * diag(H) (a * a)^T: a plain sum, N + copies recorded where N is known.
+        hd = self._require_likelihood().ggn_diagonals(z, targets)[0]
+        ggn = self._ggn
+        ll = self.last_layer
+        return DiagPosterior.from_diagonal(
+            ggn + copies * torch.outer(hd.clamp_min(0).to(ggn.device), a.to(ggn.device).square()),
+            self._num_data + copies if self._num_data else None,
+            weight=ll.weight,
+            bias=ll.bias,
+            likelihood=self.likelihood,
+            n=self.n,
+            prior_precision=self.prior_precision,
+        )
 
     @property
     def ggn_diagonal(self) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..features import LastLayer
 from .base import _ROW_CHUNK, LastLayerPosterior, _check_tensor
 from .evidence import kfac_log_evidence
+from .likelihoods import Likelihood
 
 __all__ = ["KFACPosterior"]
 
@@ -38,8 +39,7 @@ class KFACPosterior(LastLayerPosterior):
 
     structure = "kfac"
 
-    def __init__(self, last_layer: LastLayer, n: float = 10.0, prior_precision: float = 1.0) -> None:
-        super().__init__(last_layer, n=n, prior_precision=prior_precision)
+    def _init_curvature(self) -> None:
         self._sum_aa: Tensor | None = None
         self._sum_h: Tensor | None = None
         self._A: Tensor | None = None
@@ -56,20 +56,22 @@ class KFACPosterior(LastLayerPosterior):
         cls,
         A: Tensor,
         B: Tensor,
-        N: int | None = None,
+        num_data: int | None = None,
         *,
         weight: Tensor,
         bias: Tensor | None = None,
+        likelihood: Likelihood | None = None,
         n: float = 10.0,
         prior_precision: float = 1.0,
     ) -> KFACPosterior:
         """A fitted posterior from given (already 1/sqrt(N)-normalised) factors, e.g. the published ones.
 
         A: [p', p'] with p' = p (+1 with a bias); B: [D, D]; weight: [D, p] (z = a @ weight.T + bias).
-        With ``N`` the sums are recovered, so further ``update`` calls extend the same data set;
-        without it, updating is refused.
+        With ``num_data`` (N) the sums are recovered, so further ``update`` and ``with_point`` calls
+        extend the same data set; without it, they are refused. ``likelihood``: that of the data behind
+        the factors (the model's), needed by ``update`` and ``with_point``.
         """
-        post = cls(LastLayer(weight, bias), n=n, prior_precision=prior_precision)
+        post = cls(LastLayer(weight, bias), likelihood=likelihood, n=n, prior_precision=prior_precision)
         A = _check_tensor("A", A, 2)
         B = _check_tensor("B", B, 2)
         p = post.augmented_in_features
@@ -78,34 +80,19 @@ class KFACPosterior(LastLayerPosterior):
         d = post.out_features
         if B.shape != (d, d):
             raise ValueError(f"B must have shape ({d}, {d}) for this last layer, got {tuple(B.shape)}")
-        if N is not None:
-            post._set_num_data(N)
-            root = math.sqrt(N)
+        if num_data is not None:
+            post._set_num_data(num_data)
+            root = math.sqrt(num_data)
             post._sum_aa = A.detach().to(torch.float64) * root
             post._sum_h = B.detach().to(torch.float64) * root
         post._set_factors(A.detach(), B.detach())
         post._fitted = True
         return post
 
-    def _accumulate(
-        self,
-        a: Tensor,
-        source: Tensor,
-        target: Tensor,
-        logit_scale: float,
-        logit_bias: float | None,
-        likelihood: str,
-    ) -> None:
-        from . import base
-
+    def _accumulate(self, a: Tensor, source: Tensor, target: Tensor) -> None:
         if self._A is not None and self._sum_aa is None:
-            raise RuntimeError("this posterior was built from factors without N; it cannot be updated")
-        hess = base._hessian_module()
-        if likelihood == "infonce":
-            h = hess.infonce_hessian(source, target, logit_scale)
-        else:
-            h = hess.siglip_hessian(source, target, logit_scale, logit_bias)
-        h = h.to(device=a.device, dtype=torch.float64)
+            raise RuntimeError("this posterior was built from factors without num_data; it cannot be updated")
+        h = self._require_likelihood().ggn(source, target).to(device=a.device, dtype=torch.float64)
         if self._sum_aa is None:
             d, p = self.out_features, self.augmented_in_features
             self._sum_aa = torch.zeros(p, p, dtype=torch.float64, device=a.device)
@@ -116,6 +103,32 @@ class KFACPosterior(LastLayerPosterior):
     def _finalize(self) -> None:
         root = math.sqrt(self._num_data)
         self._set_factors(self._sum_aa / root, self._sum_h / root)
+
+    def _with_point(self, a: Tensor, z: Tensor, targets: Tensor, copies: int) -> KFACPosterior:
+        # A = (sqrt(N) A + copies a a^T) / sqrt(N + copies), B likewise with the point's H: the sums are
+        # recovered from the normalised factors, extended, and renormalised by the new count. N grows by
+        # `copies`, not 1: A (x) B = (sum a a^T) (x) (sum H) / N is KFAC's expectation approximation over one
+        # multiset of data, and the copies belong to the sums and to N alike.
+        n_data = self._num_data
+        if not n_data:
+            raise ValueError(
+                "this KFAC posterior does not record num_data (the Hessian-data size); build it with "
+                "from_factors(..., num_data=N)"
+            )
+        h = self._require_likelihood().ggn(z, targets)
+        root, new_root = math.sqrt(n_data), math.sqrt(n_data + copies)
+        a = a.to(self._A.device)
+        ll = self.last_layer
+        return KFACPosterior.from_factors(
+            (root * self._A + copies * torch.outer(a, a)) / new_root,
+            (root * self._B + copies * h.to(self._B.device)) / new_root,
+            n_data + copies,
+            weight=ll.weight,
+            bias=ll.bias,
+            likelihood=self.likelihood,
+            n=self.n,
+            prior_precision=self.prior_precision,
+        )
 
     def _set_factors(self, A: Tensor, B: Tensor) -> None:
         A = A.to(torch.float64)

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..features import LastLayer
 from .base import LastLayerPosterior
 
 __all__ = ["MAPPosterior"]
@@ -16,27 +15,24 @@ __all__ = ["MAPPosterior"]
 class MAPPosterior(LastLayerPosterior):
     """A point mass at the MAP: zero embedding variance, samples equal to the MAP weight.
 
-    ``update`` only counts sources (no Hessians are computed) and ``finalize`` works without any data.
-    It has no Laplace evidence: ``log_evidence`` raises, ``optimize_prior_precision`` returns the
-    current ``prior_precision`` unchanged (lambda has no effect on a point mass).
+    ``update`` only counts sources (no Hessians are computed, so no likelihood is needed) and
+    ``finalize`` works without any data. It has no Laplace evidence: ``log_evidence`` raises,
+    ``optimize_prior_precision`` returns the current ``prior_precision`` unchanged (lambda has no effect
+    on a point mass). It has no curvature either: ``with_point`` raises (EPIG's greedy updates need a
+    KFAC or diagonal posterior; on a point mass EPIG would be zero).
     """
 
     structure = "map"
+    needs_likelihood = False
 
-    def __init__(self, last_layer: LastLayer, n: float = 10.0, prior_precision: float = 1.0) -> None:
-        super().__init__(last_layer, n=n, prior_precision=prior_precision)
-        self._fitted = True
+    def _init_curvature(self) -> None:
+        self._fitted = True  # a point mass needs no data
 
-    def _accumulate(
-        self,
-        a: Tensor,
-        source: Tensor,
-        target: Tensor,
-        logit_scale: float,
-        logit_bias: float | None,
-        likelihood: str,
-    ) -> None:
+    def _accumulate(self, a: Tensor, source: Tensor, target: Tensor) -> None:
         return None
+
+    def _with_point(self, a: Tensor, z: Tensor, targets: Tensor, copies: int) -> MAPPosterior:
+        raise NotImplementedError("a MAP point estimate has no curvature to add a point to")
 
     def finalize(self) -> MAPPosterior:
         self._fitted = True

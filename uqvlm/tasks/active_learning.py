@@ -19,7 +19,7 @@ import torch
 
 from uqvlm.active.domains import DomainData, build_domain_data
 from uqvlm.active.finetune import embed, finetune_image_layer
-from uqvlm.active.strategies import STRATEGIES, ActiveProblem, make_generator, select
+from uqvlm.active.strategies import STRATEGIES, TARGETED_STRATEGIES, ActiveProblem, make_generator, select
 from uqvlm.cache import atomic_write, cache_key
 from uqvlm.console import console, progress
 from uqvlm.errors import ConfigError, UqvlmError
@@ -28,7 +28,7 @@ from uqvlm.features import Features, LastLayer
 from uqvlm.methods import BayesVLM, ZeroShotContext, cosine_logits
 from uqvlm.metrics import evaluate_log_probs
 from uqvlm.results import model_slug, write_results
-from uqvlm.settings import TARGETED_STRATEGIES, ActiveDataSettings, ActiveLearningSettings, RunSettings
+from uqvlm.settings import ActiveDataSettings, ActiveLearningSettings, RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 

@@ -1,8 +1,9 @@
 """Hessian estimation: last-layer posteriors of both towers from image-caption pairs, cached on disk.
 
 Image side: sources are the images of a class batch, targets the captions of the same pairs; text
-side: the reverse (method.md section 3). The posterior state (factors or diagonals, without the prior
-precision, which is cheap to set later) is cached under a key of everything that determines it.
+side: the reverse (method.md section 3). The posterior state (factors or diagonals and the likelihood,
+without the prior precision, which is cheap to set later) is cached under a key of everything that
+determines it, the posterior state's version included: an entry an older uqvlm wrote is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from uqvlm.console import console, progress
 from uqvlm.data.registry import build_pair_dataset
 from uqvlm.data.sections import HessianDataSettings, PublishedFactorsSettings
 from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError, UqvlmError
-from uqvlm.laplace import KFACPosterior, Laplace, load_published_factors
-from uqvlm.laplace.base import LastLayerPosterior
+from uqvlm.laplace import KFACPosterior, Laplace, likelihood_for, load_published_factors
+from uqvlm.laplace.base import STATE_VERSION, LastLayerPosterior
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import (
     LoadedModel,
@@ -32,11 +33,6 @@ from uqvlm.tasks.common import (
 )
 
 TOWERS = ("image", "text")
-
-
-def likelihood_of(vlm) -> str:
-    """SigLIP models carry a logit bias and are trained with the sigmoid loss; CLIP with InfoNCE."""
-    return "siglip" if vlm.logit_bias is not None else "infonce"
 
 
 def _heads(vlm) -> dict[str, Any]:
@@ -59,12 +55,18 @@ def _published_posteriors(
     except ValueError as err:  # factors of the wrong shape or kind in the user's directory
         raise DatasetFormatError(f"hessian_data.dir={published.dir}: {err}") from err
     heads = _heads(model.vlm)
+    # The model's likelihood, for curvature added later (EPIG's updates).
+    likelihood = likelihood_for(model.vlm)
     posts = {}
     for tower, short in (("image", "img"), ("text", "txt")):
         head = heads[tower]
         try:
             posts[tower] = KFACPosterior.from_factors(
-                factors[f"A_{short}"], factors[f"B_{short}"], weight=head.weight, bias=head.bias
+                factors[f"A_{short}"],
+                factors[f"B_{short}"],
+                weight=head.weight,
+                bias=head.bias,
+                likelihood=likelihood,
             )
         except ValueError as err:
             raise UqvlmError(
@@ -87,17 +89,18 @@ def fit_posteriors(
 
     vlm = model.vlm
     pairs = build_pair_dataset(hessian_data.section)
-    likelihood = likelihood_of(vlm)
+    likelihood = likelihood_for(vlm)
     class_batch = hessian_data.class_batch
     ident = {
         "model": model.identity,
         "data": pairs.fingerprint(),
         "n_pairs": len(pairs),
         "class_batch": class_batch,
-        "likelihood": likelihood,
+        "likelihood": likelihood.state(),
         "dtype": "float64",
         "structure": structure,
         "format": FORMAT_VERSION,
+        "state_version": STATE_VERSION,
     }
     key = cache_key(**ident)
     path = Path(dirs.cache) / "posteriors" / f"{structure}-{key}.pt"
@@ -106,23 +109,16 @@ def fit_posteriors(
     def build() -> dict[str, Any]:
         feats = extract_features(model, dirs, pairs, f"{hessian_data.name} pairs")
         sides = {"image": (feats["image"], feats["text"]), "text": (feats["text"], feats["image"])}
-        posts = {t: Laplace(heads[t], structure=structure) for t in TOWERS}
+        posts = {t: Laplace(heads[t], structure, likelihood=likelihood) for t in TOWERS}
         n = len(pairs)
         n_batches = math.ceil(n / class_batch)
         with progress() as bar:
-            task = bar.add_task(f"{structure} curvature ({likelihood})", total=2 * n_batches)
+            task = bar.add_task(f"{structure} curvature ({likelihood.kind})", total=2 * n_batches)
             for start in range(0, n, class_batch):
                 sl = slice(start, start + class_batch)
                 for tower in TOWERS:
                     src, tgt = sides[tower]
-                    posts[tower].update(
-                        src.activations[sl],
-                        src.embeddings[sl],
-                        tgt.embeddings[sl],
-                        vlm.logit_scale,
-                        vlm.logit_bias,
-                        likelihood=likelihood,
-                    )
+                    posts[tower].update(src.activations[sl], src.embeddings[sl], tgt.embeddings[sl])
                     bar.advance(task)
         for p in posts.values():
             p.finalize()
