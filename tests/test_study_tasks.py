@@ -208,3 +208,33 @@ def test_reproduction_report_gives_every_claim_a_verdict(overhead, corruption, p
         assert "not run" not in rows[claim] and "uqvlm-tiny" in rows[claim], claim
     assert "corruption/shapes-photo/uqvlm-tiny.json" in rows["corruption"]
     assert math.isfinite(float(corruption["mean_similarity"].iloc[-1]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=corruption", "task.levels=[0,-0.1]"], r"task\.levels must hold numbers >= 0"),
+        (["task=prior_grid", "task.n_grid=[0,1]"], r"task\.n_grid must hold numbers > 0"),
+        (["task=overhead", "task.classes=[1000,0]"], r"task\.classes must be a positive integer"),
+        (["task=overhead", "task.classes=[]"], r"task\.classes must list at least one"),
+        (["task=hessian_size", "task.sizes=[100,most]"], r"task\.sizes must be a positive integer"),
+        (["task=probcosine_study", "task.samples=1"], r"task\.samples must be an integer >= 2"),
+        (["task=uncertainty_error", "task.uncertainty=variance"], r"task\.uncertainty must be one of"),
+        (["task=corruption", "task.structure=full"], r"task\.structure must be one of"),
+    ],
+)
+def test_study_settings_refuse_bad_values_naming_the_key(settings_of, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_of(*overrides)
+
+
+def test_hessian_size_grid_is_log_spaced_up_to_all_pairs(settings_of):
+    from uqvlm.tasks.hessian_size import pair_counts
+
+    task = settings_of("task=hessian_size", "task.min_size=100", "task.num_sizes=3").task
+    assert pair_counts(task, 10_000) == [100, 1000, 10_000]
+    assert pair_counts(task, 50) == [50]  # fewer pairs than the smallest size: all of them
+    listed = settings_of("task=hessian_size", "task.sizes=[all,300,300]").task
+    assert pair_counts(listed, 6000) == [300, 6000]
+    with pytest.raises(ConfigError, match="exceed the 200 pairs"):
+        pair_counts(listed, 200)
