@@ -25,9 +25,16 @@ from uqvlm.studies.corruption import (
     plot_similarity_vs_noise,
     similarity_stats,
 )
-from uqvlm.tasks.common import TaskResult, extract_features, load_model, prepare_dirs
-from uqvlm.tasks.study import bayes_log_probs, finished_at, output_location, scores, set_prior, write_study
-from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
+from uqvlm.tasks.common import TaskResult, extract_features
+from uqvlm.tasks.study import (
+    bayes_log_probs,
+    finished_at,
+    open_evaluation,
+    output_location,
+    scores,
+    set_prior,
+    write_study,
+)
 
 STUDY = "corruption"
 
@@ -46,10 +53,8 @@ def embedding_variances(post: Any, activations) -> Any:
 
 def run(settings: RunSettings) -> TaskResult:
     task: CorruptionSettings = settings.task
-    dirs = prepare_dirs(settings.paths)
-    dataset = load_dataset(settings)
-    model = load_model(settings, dirs)
-    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    ev = open_evaluation(settings)
+    dirs, dataset, model, ctx, provenance = ev.dirs, ev.dataset, ev.model, ev.ctx, ev.provenance
     posts = ctx.posterior_provider(task.structure)
     lambdas = set_prior(ctx, task.structure, posts)
     txt_var = embedding_variances(posts["text"], ctx.text.activations)

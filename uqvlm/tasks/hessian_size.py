@@ -19,18 +19,16 @@ from uqvlm.data.sections import PairDataSettings
 from uqvlm.errors import ConfigError
 from uqvlm.plots import _save, plt
 from uqvlm.settings import HessianSizeSettings, RunSettings
-from uqvlm.tasks.common import TaskResult, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.common import TaskResult
 from uqvlm.tasks.study import (
     STUDY_METRICS,
-    bayes_log_probs,
     finished_at,
+    fit_and_score,
+    open_evaluation,
     output_location,
     scores,
-    set_prior,
     write_study,
 )
-from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
 
 STUDY = "hessian_size"
 
@@ -83,22 +81,14 @@ def run(settings: RunSettings) -> TaskResult:
             f"task=hessian_size subsamples image-caption pairs; hessian_data={settings.hessian_data.name} "
             "has none (choose pairs, e.g. hessian_data=laion400m)"
         )
-    dirs = prepare_dirs(settings.paths)
     structures = settings.posterior.structures
     if not structures:
         raise ConfigError("task=hessian_size needs a posterior structure (posterior=kfac, diag or bayesvlm)")
-    dataset = load_dataset(settings)
-    total = len(build_pair_dataset(settings.hessian_data.section))
-    sizes = pair_counts(task, total)
-    model = load_model(settings, dirs)
-    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
-    rows = [
-        {
-            "method": "map",
-            "pairs": np.nan,
-            **scores(ctx.logits(ctx.image).log_softmax(-1), ctx.labels, task.ece_bins),
-        }
-    ]
+    sizes = pair_counts(task, len(build_pair_dataset(settings.hessian_data.section)))
+    ev = open_evaluation(settings)
+    ctx, provenance = ev.ctx, ev.provenance
+    map_scores = scores(ctx.logits(ctx.image).log_softmax(-1), ctx.labels, task.ece_bins)
+    rows = [{"method": "map", "pairs": np.nan, **map_scores}]
     fitted = {}
     for size in sizes:
         # The first `size` pairs: every pair kind takes `n` as a cap.
@@ -106,22 +96,12 @@ def run(settings: RunSettings) -> TaskResult:
             settings.hessian_data, section={**settings.hessian_data.section, "n": size}
         )
         for structure in structures:
-            posts, ident = fit_posteriors(hessian_data, model, dirs, structure)
-            lambdas = set_prior(ctx, structure, posts)
-            metrics = scores(bayes_log_probs(ctx, structure, ctx.image, posts), ctx.labels, task.ece_bins)
-            rows.append(
-                {
-                    "method": f"bayesvlm-{structure}",
-                    "pairs": ident["n_pairs"],
-                    **metrics,
-                    "lambda_image": lambdas["image"],
-                    "lambda_text": lambdas["text"],
-                }
-            )
+            row, ident = fit_and_score(ev, hessian_data, structure, task.ece_bins)
+            rows.append({"method": f"bayesvlm-{structure}", "pairs": ident["n_pairs"], **row})
             fitted[f"{structure}/{size}"] = ident
             console.print(
-                f"N={ident['n_pairs']} {structure}: lambda {lambdas['image']:.3g} / {lambdas['text']:.3g}, "
-                f"NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f}"
+                f"N={ident['n_pairs']} {structure}: lambda {row['lambda_image']:.3g} / "
+                f"{row['lambda_text']:.3g}, NLL {row['nll']:.4f}, ECE {row['ece']:.4f}"
             )
     table = pd.DataFrame(rows)
     directory, stem = output_location(settings, STUDY)

@@ -18,9 +18,15 @@ from uqvlm.console import console
 from uqvlm.errors import ConfigError
 from uqvlm.plots import _save, plt
 from uqvlm.settings import PriorGridSettings, RunSettings
-from uqvlm.tasks.common import TaskResult, load_model, prepare_dirs
-from uqvlm.tasks.study import bayes_log_probs, finished_at, output_location, scores, write_study
-from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
+from uqvlm.tasks.common import TaskResult
+from uqvlm.tasks.study import (
+    bayes_log_probs,
+    finished_at,
+    open_evaluation,
+    output_location,
+    scores,
+    write_study,
+)
 
 STUDY = "prior_grid"
 GRID, EVIDENCE = "grid", "evidence"
@@ -78,10 +84,8 @@ def run(settings: RunSettings) -> TaskResult:
     structures = settings.posterior.structures
     if not structures:
         raise ConfigError("task=prior_grid needs a posterior structure (posterior=bayesvlm, kfac or diag)")
-    dirs = prepare_dirs(settings.paths)
-    dataset = load_dataset(settings)
-    model = load_model(settings, dirs)
-    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    ev = open_evaluation(settings)
+    ctx, provenance = ev.ctx, ev.provenance
     labels, bins = ctx.labels, task.ece_bins
     map_scores = scores(ctx.logits(ctx.image).log_softmax(-1), labels, bins)
     variant = settings.posterior.evidence_variant

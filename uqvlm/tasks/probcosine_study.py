@@ -21,9 +21,8 @@ from uqvlm.console import console
 from uqvlm.probcosine import probcosine
 from uqvlm.settings import ProbCosineStudySettings, RunSettings
 from uqvlm.studies.probcosine_accuracy import compare, mc_cosine_samples, plot_densities, pseudo_data_count
-from uqvlm.tasks.common import TaskResult, load_model, prepare_dirs
-from uqvlm.tasks.study import finished_at, output_location, set_prior, write_study
-from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
+from uqvlm.tasks.common import TaskResult
+from uqvlm.tasks.study import finished_at, open_evaluation, output_location, set_prior, write_study
 
 STUDY = "probcosine"
 
@@ -45,10 +44,8 @@ def pair_indices(labels: torch.Tensor, classes: int, pairs: int, seed: int) -> d
 
 def run(settings: RunSettings) -> TaskResult:
     task: ProbCosineStudySettings = settings.task
-    dirs = prepare_dirs(settings.paths)
-    dataset = load_dataset(settings)
-    model = load_model(settings, dirs)
-    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    ev = open_evaluation(settings)
+    dataset, ctx, provenance = ev.dataset, ev.ctx, ev.provenance
     posts = ctx.posterior_provider(task.structure)
     lambdas = set_prior(ctx, task.structure, posts)
     idx = pair_indices(ctx.labels, len(dataset.classnames), task.pairs, settings.seed)

@@ -17,10 +17,15 @@ from uqvlm.console import console
 from uqvlm.errors import ConfigError
 from uqvlm.plots import _save, plt
 from uqvlm.settings import ProxyDataSettings, RunSettings
-from uqvlm.tasks.common import TaskResult, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors
-from uqvlm.tasks.study import bayes_log_probs, finished_at, output_location, scores, set_prior, write_study
-from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
+from uqvlm.tasks.common import TaskResult
+from uqvlm.tasks.study import (
+    finished_at,
+    fit_and_score,
+    open_evaluation,
+    output_location,
+    scores,
+    write_study,
+)
 
 STUDY = "proxy_data"
 ROLES = ("in_distribution", "proxy")
@@ -62,32 +67,26 @@ def run(settings: RunSettings) -> TaskResult:
     structures = settings.posterior.structures
     if not structures:
         raise ConfigError("task=proxy_data needs a posterior structure (posterior=kfac, diag or bayesvlm)")
-    dirs = prepare_dirs(settings.paths)
-    dataset = load_dataset(settings)
-    model = load_model(settings, dirs)
-    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    ev = open_evaluation(settings)
+    ctx, provenance = ev.ctx, ev.provenance
     map_scores = scores(ctx.logits(ctx.image).log_softmax(-1), ctx.labels, task.ece_bins)
     rows = [{"method": "map", "hessian_role": None, "hessian_data": None, "pairs": np.nan, **map_scores}]
     fitted = {}
     for role, hessian_data in zip(ROLES, (settings.hessian_data, task.proxy), strict=True):
         for structure in structures:
-            posts, ident = fit_posteriors(hessian_data, model, dirs, structure)
-            lambdas = set_prior(ctx, structure, posts)
-            metrics = scores(bayes_log_probs(ctx, structure, ctx.image, posts), ctx.labels, task.ece_bins)
+            row, ident = fit_and_score(ev, hessian_data, structure, task.ece_bins)
             rows.append(
                 {
                     "method": f"bayesvlm-{structure}",
                     "hessian_role": role,
                     "hessian_data": hessian_data.name,
                     "pairs": ident.get("n_pairs", np.nan),
-                    **metrics,
-                    "lambda_image": lambdas["image"],
-                    "lambda_text": lambdas["text"],
+                    **row,
                 }
             )
             fitted[f"{role}/{structure}"] = ident
             console.print(
-                f"{role} ({hessian_data.name}) {structure}: NLL {metrics['nll']:.4f}, ECE {metrics['ece']:.4f} "
+                f"{role} ({hessian_data.name}) {structure}: NLL {row['nll']:.4f}, ECE {row['ece']:.4f} "
                 f"(MAP {map_scores['nll']:.4f} / {map_scores['ece']:.4f})"
             )
     table = pd.DataFrame(rows)

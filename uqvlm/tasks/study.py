@@ -9,17 +9,22 @@ re-launched sweep skips finished jobs) and its figures beside the table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from torch import Tensor
 
+from uqvlm.data.sections import HessianDataSettings
 from uqvlm.features import Features
 from uqvlm.methods import BayesVLM, ZeroShotContext
 from uqvlm.metrics import evaluate_log_probs
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
+from uqvlm.tasks.common import LoadedModel, RunDirs, load_model, prepare_dirs
+from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.zeroshot import load_dataset, load_evaluation
 
 # The metrics the study tables keep (of uqvlm.metrics.evaluate_log_probs).
 STUDY_METRICS = ("acc", "nll", "ece")
@@ -77,3 +82,37 @@ def scores(log_probs: Tensor, labels: Tensor, ece_bins: int, prefix: str = "") -
     """acc, nll and ece of ``log_probs`` (keys prefixed by ``prefix``)."""
     metrics = evaluate_log_probs(log_probs, labels, ece_bins)
     return {f"{prefix}{k}": metrics[k] for k in STUDY_METRICS}
+
+
+@dataclass
+class Evaluation:
+    """The run's zero-shot evaluation as the studies use it: directories, dataset, model, the context
+    (cached image and class features, posterior providers) and its provenance."""
+
+    dirs: RunDirs
+    dataset: Any
+    model: LoadedModel
+    ctx: ZeroShotContext
+    provenance: dict[str, Any]
+
+
+def open_evaluation(settings: RunSettings) -> Evaluation:
+    """Directories checked, the dataset built (before the model: a missing dataset is reported first),
+    the model loaded and the evaluated split's features extracted (or read from the cache)."""
+    dirs = prepare_dirs(settings.paths)
+    dataset = load_dataset(settings)
+    model = load_model(settings, dirs)
+    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    return Evaluation(dirs, dataset, model, ctx, provenance)
+
+
+def fit_and_score(
+    ev: Evaluation, hessian_data: HessianDataSettings, structure: str, ece_bins: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Posteriors of ``structure`` from ``hessian_data``, n and lambda as the run's posterior settings say,
+    and BayesVLM's scores on the evaluation: (acc, nll, ece, lambda_image, lambda_text; the posteriors'
+    cache identity)."""
+    posts, ident = fit_posteriors(hessian_data, ev.model, ev.dirs, structure)
+    lambdas = set_prior(ev.ctx, structure, posts)
+    metrics = scores(bayes_log_probs(ev.ctx, structure, ev.ctx.image, posts), ev.ctx.labels, ece_bins)
+    return {**metrics, "lambda_image": lambdas["image"], "lambda_text": lambdas["text"]}, ident
