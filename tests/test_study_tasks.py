@@ -238,3 +238,12 @@ def test_hessian_size_grid_is_log_spaced_up_to_all_pairs(settings_of):
     assert pair_counts(listed, 6000) == [300, 6000]
     with pytest.raises(ConfigError, match="exceed the 200 pairs"):
         pair_counts(listed, 200)
+
+
+def test_a_typo_in_the_proxy_section_is_refused_with_the_closest_key(compose):
+    from uqvlm.errors import UqvlmError
+    from uqvlm.tasks.keys import check_config_keys
+
+    check_config_keys(compose("experiment=offline_proxy_data"))
+    with pytest.raises(UqvlmError, match=r"unknown key task\.proxy\.sed; did you mean task\.proxy\.seed\?"):
+        check_config_keys(compose("experiment=offline_proxy_data", "+task.proxy.sed=1"))
