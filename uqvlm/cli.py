@@ -16,7 +16,7 @@ from uqvlm.errors import UqvlmError
 
 USAGE = """usage: uqvlm run [overrides...]      compose configs/ and run a task (Hydra: --help, --cfg job, -m)
        uqvlm fetch [-m] [overrides...]   download what those runs need into the caches (for offline nodes)
-       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables
+       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables and REPRODUCTION.md
 
 examples:
   uqvlm run                                   the offline default: tiny CLIP on the shapes world
@@ -144,7 +144,8 @@ def run(overrides: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     sys.argv = [f"{os.path.basename(sys.argv[0])} run", *overrides]
-    _user_full_error = os.environ.get("HYDRA_FULL_ERROR", "0")
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    _user_full_error = user_setting or "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; task_main restores it
     try:
         _hydra_main()
@@ -162,6 +163,12 @@ def run(overrides: list[str]) -> None:
             "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr
         )
         raise SystemExit(1) from None
+    finally:
+        # Runs that never reach task_main (--cfg, --help, composition errors) leave the user's setting too.
+        if user_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
 
 
 def fetch(argv: list[str]) -> None:

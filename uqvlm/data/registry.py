@@ -37,6 +37,7 @@ from uqvlm.data.sections import (
     task_keys,
 )
 from uqvlm.data.shapes import ShapesPairs, ShapesZeroShot
+from uqvlm.data.shapes_proxy import ShapesProxyPairs
 from uqvlm.data.sources import (
     HFPairs,
     HFZeroShot,
@@ -85,6 +86,7 @@ PAIR_KINDS: dict[str, Callable[..., PairDataset]] = {
     "hf": HFPairs,
     "hf_wds": hub_shard_pairs,
     "shapes": _shapes_pairs,
+    "shapes-proxy": ShapesProxyPairs,
 }
 # The wrappers take the keys of the classes they build.
 for _wrapper, _cls in ((_shapes_zeroshot, ShapesZeroShot), (_shapes_pairs, ShapesPairs)):

@@ -108,6 +108,8 @@ def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section
             yield from _walk(here, child, sub)
         elif sub is Schema.DATASET:
             yield from _dataset_sections(here, child)
+        elif sub is Schema.PAIR_DATA:
+            yield here, child, _kind_keys(here, child.get("kind"), pair_dataset_keys)
         elif sub is Schema.METHODS:
             yield here, child, None
             for name in child:

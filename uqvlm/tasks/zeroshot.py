@@ -96,20 +96,16 @@ def label_use(objective: str | None, method: Method) -> str | None:
     return "; ".join(reasons) or None
 
 
-def run(settings: RunSettings) -> TaskResult:
-    task, data = settings.task, settings.dataset
-    dirs = prepare_dirs(settings.paths)
-    methods = selected_methods(settings)
-    # The dataset first: a missing dataset is reported before a model is loaded (or pretrained).
-    dataset = build_zeroshot_dataset(data.section)
-    if len(dataset) == 0:
-        raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
-    model = load_model(settings, dirs)
-    ensure_hessian_data(settings, model, dirs)
-    vlm = model.vlm
+def load_evaluation(
+    settings: RunSettings, dirs: RunDirs, model: LoadedModel, dataset
+) -> tuple[ZeroShotContext, dict[str, Any]]:
+    """The zero-shot context of ``dataset`` under this run's model (cached image and class text features,
+    and providers of the validation split, augmented views and the posteriors, fitted from
+    ``settings.hessian_data`` once per structure) and its provenance, which the providers fill in."""
+    data = settings.dataset
     image, labels = _features(data.name, model, dirs, dataset, f"{data.name} {dataset.split}")
     text = encode_prompts(
-        vlm,
+        model.vlm,
         dataset.prompts(),
         cache_dir=dirs.cache,
         model_id=model.identity,
@@ -143,8 +139,8 @@ def run(settings: RunSettings) -> TaskResult:
         return posts
 
     ctx = ZeroShotContext(
-        logit_scale=vlm.logit_scale,
-        logit_bias=vlm.logit_bias,
+        logit_scale=model.vlm.logit_scale,
+        logit_bias=model.vlm.logit_bias,
         image=image,
         labels=labels,
         text=text,
@@ -153,6 +149,27 @@ def run(settings: RunSettings) -> TaskResult:
         views_provider=views,
         posterior_provider=posteriors,
     )
+    return ctx, provenance
+
+
+def load_dataset(settings: RunSettings):
+    """The evaluated dataset of the run (before any model is loaded: a missing dataset is reported first)."""
+    data = settings.dataset
+    dataset = build_zeroshot_dataset(data.section)
+    if len(dataset) == 0:
+        raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
+    return dataset
+
+
+def run(settings: RunSettings) -> TaskResult:
+    task, data = settings.task, settings.dataset
+    dirs = prepare_dirs(settings.paths)
+    methods = selected_methods(settings)
+    dataset = load_dataset(settings)
+    model = load_model(settings, dirs)
+    ensure_hessian_data(settings, model, dirs)
+    ctx, provenance = load_evaluation(settings, dirs, model, dataset)
+    labels = ctx.labels
     ece_bins = task.ece_bins
     rows, log_probs, label_uses = [], {}, {}
     for name, method in methods.items():
