@@ -32,15 +32,41 @@ format: install
 	$(VENV)/bin/ruff format uqvlm tests scripts
 	$(VENV)/bin/ruff check --fix uqvlm tests scripts
 
-# The paper's tables: needs the models' weights and the datasets (a Hugging Face cache or internet).
+# The paper's runs (sections 4.1, 4.2 and 4.3; README "Reproducing the paper" lists what each needs and
+# roughly how long it takes on one GPU): the models' weights and the datasets (a Hugging Face cache or
+# internet), LAION-400M pairs in webdataset shards, OfficeHome, and CC12M pairs for the proxy study.
+LAION ?= /data/laion400m
+OFFICEHOME ?= /data/OfficeHomeDataset_10072016
+CC12M_ARGS ?=
+UQVLM := $(VENV)/bin/uqvlm
+PAPER_AL := model=clip-b32 hessian_data=laion400m hessian_data.root=$(LAION)
 reproduce: install
-	$(VENV)/bin/uqvlm run experiment=paper_zeroshot
-	$(VENV)/bin/uqvlm report
+	$(UQVLM) run experiment=paper_zeroshot hessian_data.root=$(LAION)
+	$(UQVLM) run task=active_learning task/data=officehome task.data.root=$(OFFICEHOME) $(PAPER_AL)
+	$(UQVLM) run task=active_learning task/data=imagenet-r-sketch $(PAPER_AL)
+	$(UQVLM) run experiment=overhead
+	$(UQVLM) run experiment=corruption hessian_data.root=$(LAION)
+	$(UQVLM) run experiment=probcosine hessian_data.root=$(LAION)
+	$(UQVLM) run experiment=hessian_size hessian_data.root=$(LAION)
+	$(UQVLM) run experiment=proxy_data hessian_data.root=$(LAION) $(CC12M_ARGS)
+	$(UQVLM) run experiment=prior_grid hessian_data.root=$(LAION)
+	$(UQVLM) run experiment=uncertainty_error hessian_data.root=$(LAION)
+	$(UQVLM) report
 
-# The same protocol on the offline shapes world: the tiny model on every domain.
+# The same protocol on the offline shapes world (the tiny CLIP), every study's offline twin, and the
+# report: refreshes the committed results/ (about 5 minutes on 2 CPU cores with the tiny model cached).
+OFFLINE := HF_HUB_OFFLINE=1 $(UQVLM)
 reproduce-offline: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/uqvlm run experiment=offline_zeroshot
-	$(VENV)/bin/uqvlm report
+	$(OFFLINE) run experiment=offline_zeroshot
+	$(OFFLINE) run task=active_learning
+	$(OFFLINE) run experiment=offline_overhead
+	$(OFFLINE) run experiment=offline_corruption
+	$(OFFLINE) run experiment=offline_probcosine
+	$(OFFLINE) run experiment=offline_hessian_size
+	$(OFFLINE) run experiment=offline_proxy_data
+	$(OFFLINE) run experiment=offline_prior_grid
+	$(OFFLINE) run experiment=offline_uncertainty_error
+	$(UQVLM) report
 
 tables: install
 	$(VENV)/bin/uqvlm report

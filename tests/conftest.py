@@ -10,8 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Replicas of the real data sources (tests/replicas.py), shared by the tests that run the real configs.
+from replicas import replica_env, replica_folders, replica_home  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout (UQVLM_SHARED for a checkout elsewhere, e.g. a git worktree).
+SHARED = Path(os.environ.get("UQVLM_SHARED", REPO.parent / "shared"))
 # Persistent across test runs (gitignored): the tiny model trains once per checkout, not per run.
 TEST_CACHE = Path(os.environ.get("UQVLM_TEST_CACHE", REPO / ".cache" / "test"))
 

@@ -20,8 +20,12 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option, compose):
+    from uqvlm.data.sections import apply_protocol
+
     cfg = compose(f"{group}={option}")
-    section = cfg[group]
+    section = OmegaConf.to_container(cfg[group])
+    if group == "dataset":  # a dataset offering protocols is the section of its chosen one
+        section = apply_protocol(section)
     required = {
         "model": {"name", "pretrained", "precision", "batch_size"},
         "dataset": {"name", "kind"},
@@ -100,8 +104,8 @@ def test_unset_mandatory_data_key_names_the_key_to_set(compose):
     from uqvlm.data.registry import build_pair_dataset, build_zeroshot_dataset
     from uqvlm.errors import DataUnavailableError
 
-    cfg = compose("dataset=ucf101", "hessian_data=laion400m")
-    with pytest.raises(DataUnavailableError, match=r"dataset 'ucf101' needs root: .* dataset\.root="):
+    cfg = compose("dataset=imagenet-r-folder", "hessian_data=laion400m")
+    with pytest.raises(DataUnavailableError, match=r"dataset 'imagenet-r' needs root: .* dataset\.root="):
         build_zeroshot_dataset(cfg.dataset)
     with pytest.raises(
         DataUnavailableError, match=r"hessian_data 'laion400m' needs root: .* hessian_data\.root="
@@ -158,7 +162,10 @@ TYPOS = [
     ("+task.ece_bin=15", "unknown key task.ece_bin; did you mean task.ece_bins?"),
     ("+task.methods.tta.veiws=2", "unknown key task.methods.tta.veiws; did you mean task.methods.tta.views?"),
     ("+model.precison=fp16", "unknown key model.precison; did you mean model.precision"),
-    ("+dataset.qqqqqq=1", "unknown key dataset.qqqqqq; dataset takes domain, image_size, kind, n, name"),
+    (
+        "+dataset.qqqqqq=1",
+        "unknown key dataset.qqqqqq; dataset takes class_ids, domain, image_size, kind, n, name",
+    ),
     ("+posterior.mc_samples=10", "posterior.mc_samples is now task.mc_samples (task=active_learning"),
 ]
 AL_TYPOS = [
@@ -219,12 +226,22 @@ def test_registry_refuses_keys_its_constructor_does_not_take():
 def _data_sections(compose) -> list[tuple[str, str, dict]]:
     """(path, group, section as the registry receives it) of every shipped dataset and Hessian-data
     option and every active-learning domain (``common`` merged under it, the split the task adds)."""
+    from uqvlm.data.registry import zeroshot_dataset_keys
+    from uqvlm.data.sections import apply_protocol
+
     out = []
     for group in ("dataset", "hessian_data"):
         for option in options(group):
-            out.append(
-                (f"{group}={option}", group, OmegaConf.to_container(compose(f"{group}={option}")[group]))
-            )
+            section = OmegaConf.to_container(compose(f"{group}={option}")[group])
+            for protocol in section.get("protocols") or [None]:
+                if protocol is None:
+                    out.append((f"{group}={option}", group, section))
+                    continue
+                # As the registry builds it: the protocol's entry merged, unset keys of other kinds dropped.
+                chosen = apply_protocol({**section, "protocol": protocol})
+                keys = zeroshot_dataset_keys(chosen["kind"])
+                chosen = {k: v for k, v in chosen.items() if k in keys or v is not None}
+                out.append((f"{group}={option} protocol={protocol}", group, chosen))
     for option in AL_DATA:
         data = OmegaConf.to_container(compose("task=active_learning", f"task/data={option}").task.data)
         native = (data.get("splits") or {}).get("by", "native") == "native"
@@ -245,6 +262,7 @@ def test_every_data_option_binds_its_constructor(compose):
         FACTOR_KINDS,
         PAIR_KINDS,
         PAIR_TASK_KEYS,
+        SELECTION_KEYS,
         ZEROSHOT_KINDS,
         constructor_keys,
     )
@@ -258,8 +276,8 @@ def test_every_data_option_binds_its_constructor(compose):
             factory, task_keys = PublishedFactorsSettings, frozenset()
         elif group == "hessian_data":
             factory, task_keys = PAIR_KINDS[kind], PAIR_TASK_KEYS
-        else:
-            factory, task_keys = ZEROSHOT_KINDS[kind], DATASET_TASK_KEYS
+        else:  # the registry reads the selection keys (protocol, subset, class ids) itself
+            factory, task_keys = ZEROSHOT_KINDS[kind], DATASET_TASK_KEYS | SELECTION_KEYS
         params = constructor_keys(factory) or frozenset()
         kwargs = {k: v for k, v in section.items() if k not in task_keys or k in params}
         try:

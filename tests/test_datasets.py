@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from uqvlm.data.registry import PAIR_KINDS, ZEROSHOT_KINDS, build_pair_dataset, build_zeroshot_dataset
@@ -81,7 +81,7 @@ def test_hf_saved_dataset_items(hf_dir):
     assert len(ds) == 9 and ds.split == "test" and ds.name == "toy"
     assert ds.classnames == ["red panda", "golden retriever", "tabby cat"]
     assert ds.templates == PAPER
-    assert ds.prompts()[0] == ["An image of a red panda."]
+    assert ds.prompts()[0] == ["An image of a red panda"]  # BayesVLM's prompt: no trailing period
     for i in range(len(ds)):
         img, label = ds[i]
         assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (12, 12)
@@ -367,7 +367,8 @@ def test_hf_pairs(tmp_path):
 
 
 def test_templates():
-    assert get_templates("paper") == ["An image of a {c}."] and get_templates("default") == PAPER
+    # bayesvlm/data/factory.py @ 855be8b: text_prompt = "An image of a {class_name}" (facts A2)
+    assert get_templates("paper") == ["An image of a {c}"] and get_templates("default") == PAPER
     assert len(get_templates("openai_imagenet")) == 80 and len(get_templates("ucf101")) == 48
     assert len(get_templates("cifar10")) == 18
     for name, templates in TEMPLATE_SETS.items():
@@ -376,6 +377,13 @@ def test_templates():
         get_templates("imagenett")
     with pytest.raises(ValueError):
         check_templates(["a photo of a {}."])
+
+
+def config_file(path) -> DictConfig:
+    """A config file's section as Hydra composes it: its ``defaults`` list is Hydra's, not a key."""
+    cfg = OmegaConf.load(path)
+    cfg.pop("defaults", None)
+    return cfg
 
 
 def test_registry_builds_from_configs(hf_dir, tmp_path):
@@ -400,7 +408,9 @@ def test_registry_builds_from_configs(hf_dir, tmp_path):
     ds = build_zeroshot_dataset(cfg)
     assert isinstance(ds, HFZeroShot) and len(ds) == 5 and ds.name == "toy"
     _folder(tmp_path / "f", {"x": 1, "y": 1})
-    folder_cfg = OmegaConf.load(REPO / "configs" / "dataset" / "ucf101.yaml")
+    folder_cfg = OmegaConf.create(
+        {"name": "folder", "kind": "imagefolder", "root": "???", "templates": "paper"}
+    )
     with pytest.raises(DataUnavailableError, match="root"):
         build_zeroshot_dataset(folder_cfg)
     folder_cfg.root = str(tmp_path / "f")
@@ -426,15 +436,29 @@ def test_registry_shapes():
     assert build_zeroshot_dataset(cfg).templates == PAPER
 
 
-HUB_CONFIGS = sorted(
-    p for p in (REPO / "configs" / "dataset").glob("*.yaml") if OmegaConf.load(p).get("kind") == "hf"
-) + [REPO / "configs" / "hessian_data" / "flickr30k.yaml"]
+def _hub_configs() -> list[tuple[Path, str | None]]:
+    """(config, protocol) of every shipped dataset option whose chosen protocol reads the hub."""
+    from uqvlm.data.sections import apply_protocol
+
+    out = []
+    for path in sorted((REPO / "configs" / "dataset").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        for protocol in cfg.get("protocols") or [None]:
+            chosen = apply_protocol({**cfg, "protocol": protocol}) if protocol else cfg
+            if chosen.get("kind") == "hf":
+                out.append((path, protocol))
+    return [*out, (REPO / "configs" / "hessian_data" / "flickr30k.yaml", None)]
 
 
-@pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.stem)
-def test_hub_configs_fail_fast_offline(path, connections):
-    cfg = OmegaConf.load(path)
+@pytest.mark.parametrize(("path", "protocol"), _hub_configs(), ids=lambda p: getattr(p, "stem", p))
+def test_hub_configs_fail_fast_offline(path, protocol, connections):
+    from uqvlm.data.sections import apply_protocol
+
+    cfg = config_file(path)
+    if protocol is not None:
+        cfg.protocol = protocol
     build = build_pair_dataset if path.parent.name == "hessian_data" else build_zeroshot_dataset
-    with pytest.raises(DataUnavailableError, match=cfg.source):
+    source = apply_protocol(OmegaConf.to_container(cfg))["source"]
+    with pytest.raises(DataUnavailableError, match=source):
         build(cfg)
     assert connections == []

@@ -48,6 +48,7 @@ def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(
 ):
     overrides = [
         "dataset=food101",
+        "model=uqvlm-tiny",
         f"dataset.source={local_data / 'hf'}",
         "dataset.label_key=label",
         "dataset.classnames={from: features}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,11 @@ from uqvlm.laplace import (
 F64 = torch.float64
 LOG_SCALE = math.log(4.0)
 BIAS = -1.5
-REF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference-hessians"
+# ../shared beside the checkout, or UQVLM_SHARED (as in conftest.py).
+REF_DIR = (
+    Path(os.environ.get("UQVLM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+    / "reference-hessians"
+)
 REF_MODEL_DIR = REF_DIR / "clip-vit-b-32-laion2b-s34b-b79k"
 
 

@@ -14,6 +14,7 @@ from uqvlm.studies.overhead import (
     count_flops,
     encoder_flops,
     overhead_summary,
+    per_image_overhead,
     predictive_costs,
     time_call,
 )
@@ -32,6 +33,26 @@ def test_predictive_matmul_flops_equal_the_hand_count(bias):
     # eigenbasis [N, p'] x [p', p'] (+ a one-row probe that returns diag B~^-1), the same for the K prompts.
     hand = 2 * n * d * k + 2 * n * 2 * k + 2 * (n + 1) * pa * pa + 2 * (k + 1) * qa * qa
     assert costs["bayesvlm"].matmul_flops == hand
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_per_image_overhead_equals_the_hand_count_per_image(bias):
+    k, d, p, q, encoder = 7, 6, 4, 3, 10_000
+    small, large = (
+        predictive_costs(n, k, d, p, q, image_bias=bias, text_bias=bias, logit_bias=-1.0 if bias else None)
+        for n in (5, 8)
+    )
+    pa = p + bias
+    # Per extra image BayesVLM adds its row of the rank-2 variance (2 * 2 * K) and a^T A~^-1 a through
+    # A's eigenbasis (2 * p'^2); the prompts' variances are paid once. MAP's per image: its encoder and
+    # one row of the cosine logits (2 * D * K).
+    assert per_image_overhead(encoder, small, large) == pytest.approx(
+        (2 * 2 * k + 2 * pa * pa) / (encoder + 2 * d * k), rel=1e-12
+    )
+    with pytest.raises(ValueError, match="more images"):
+        per_image_overhead(encoder, large, small)
+    with pytest.raises(ValueError, match="same K"):
+        per_image_overhead(encoder, small, predictive_costs(8, k + 1, d, p, q))
 
 
 def test_nk_passes_formula_matches_the_measured_bilinear_term():
@@ -87,6 +108,46 @@ def test_encoder_flops_equal_the_architecture_hand_count():
     assert encoder_flops(vlm) == _tiny_hand_count()
     # Attention included although the fast path is the default outside the count.
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _LatentPool(torch.nn.Module):
+    """An image tower that feeds a learned parameter to a submodule, as SigLIP's attention pool feeds its
+    latent query to ``q`` (timm ``AttentionPoolLatent``)."""
+
+    image_size = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latent = torch.nn.Parameter(torch.randn(1, 3))
+        self.q = torch.nn.Linear(3, 5)
+        self.patch = torch.nn.Linear(48, 5)
+
+    def forward(self, x):
+        return self.patch(x.flatten(1)) + self.q(self.latent.expand(len(x), -1))
+
+
+def test_encoder_flops_count_a_tower_that_feeds_a_parameter_to_a_submodule():
+    # FlopCounterMode's module tracker hooks the gradient of every module input that requires one; a
+    # parameter under no_grad has neither a grad_fn nor a way to get one (SigLIP-B/16 failed so).
+    from types import SimpleNamespace
+
+    class Model(torch.nn.Module):
+        context_length = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual, self.text = _LatentPool(), torch.nn.Embedding(10, 6)
+
+        def encode_image(self, pixels):
+            return self.visual(pixels)
+
+        def encode_text(self, tokens):
+            return self.text(tokens).sum(1) @ torch.ones(6, 5)
+
+    model = Model()
+    counts = encoder_flops(SimpleNamespace(model=model), batch=3)
+    assert counts == {"image": 2 * 3 * 48 * 5 + 2 * 3 * 3 * 5, "text": 2 * 3 * 6 * 5}
+    assert all(p.requires_grad for p in model.parameters())  # restored
 
 
 def test_overhead_summary_refuses_mismatched_sizes():

@@ -20,6 +20,8 @@ class Artifact:
 
     - ``hf_repo``: files of a Hugging Face repository (``repo_id``, ``repo_type``, ``revision``), restricted
       to ``allow_patterns`` (e.g. ``("test/*", "classnames.txt")``) so only what the run reads is fetched.
+      With ``one_of`` the patterns are file names tried in order and the first the repo has is fetched
+      (open_clip's weights: ``open_clip_model.safetensors``, else ``open_clip_pytorch_model.bin``).
     - ``url``: one file downloaded from ``url`` into the uqvlm cache at ``dest`` (relative to the cache
       directory), verified by ``sha256`` and ``size`` when given.
     - ``manual``: something no download can provide (a split file, local shards); ``hint`` says where to get
@@ -32,6 +34,7 @@ class Artifact:
     repo_type: str | None = None  # "dataset" | "model"
     revision: str | None = None
     allow_patterns: tuple[str, ...] = ()
+    one_of: bool = False
     url: str | None = None
     dest: str | None = None
     sha256: str | None = None

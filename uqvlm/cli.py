@@ -15,13 +15,15 @@ from uqvlm.console import console
 from uqvlm.errors import UqvlmError
 
 USAGE = """usage: uqvlm run [overrides...]      compose configs/ and run a task (Hydra: --help, --cfg job, -m)
-       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables
+       uqvlm fetch [-m] [overrides...]   download what those runs need into the caches (for offline nodes)
+       uqvlm report [--results DIR] [--out DIR]   gather all runs into the paper's tables and REPRODUCTION.md
 
 examples:
   uqvlm run                                   the offline default: tiny CLIP on the shapes world
   uqvlm run dataset=shapes-noisy posterior=kfac
   uqvlm run model=clip-b32 dataset=imagenet-r
   uqvlm run -m posterior.prior_precision=1,10,100
+  uqvlm fetch experiment=paper_zeroshot       then on the nodes: HF_HUB_OFFLINE=1 uqvlm run experiment=...
 """
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -142,7 +144,8 @@ def run(overrides: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     sys.argv = [f"{os.path.basename(sys.argv[0])} run", *overrides]
-    _user_full_error = os.environ.get("HYDRA_FULL_ERROR", "0")
+    user_setting = os.environ.get("HYDRA_FULL_ERROR")
+    _user_full_error = user_setting or "0"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; task_main restores it
     try:
         _hydra_main()
@@ -160,6 +163,31 @@ def run(overrides: list[str]) -> None:
             "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr
         )
         raise SystemExit(1) from None
+    finally:
+        # Runs that never reach task_main (--cfg, --help, composition errors) leave the user's setting too.
+        if user_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_setting
+
+
+def fetch(argv: list[str]) -> None:
+    """``uqvlm fetch``: the artefacts of the runs these overrides compose, into the caches (uqvlm/fetch.py).
+    Exits 1 when something is still missing, 2 on bad input (one line)."""
+    from hydra.errors import HydraException
+
+    from uqvlm.fetch import fetch as fetch_artifacts
+
+    try:
+        status = fetch_artifacts(argv)
+    except (UqvlmError, HydraException) as err:
+        if os.environ.get("UQVLM_DEBUG"):
+            raise
+        message = override_error_message(err) if isinstance(err, HydraException) else None
+        console.print(f"[bold red]error:[/] {message or str(err).splitlines()[0]}")
+        raise SystemExit(2) from None
+    if status:
+        raise SystemExit(status)
 
 
 def report(argv: list[str]) -> None:
@@ -182,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "run":
         run(rest)
+        return
+    if command == "fetch":
+        fetch(rest)
         return
     if command == "report":
         report(rest)

@@ -118,15 +118,19 @@ def _write_table(table: pd.DataFrame, stem: Path, caption: str) -> None:
 
 
 def write_report(results_dir: str | Path = "results", out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write the aggregated tables to ``out_dir`` (default ``<results_dir>/tables``); return the paths."""
+    """Write the aggregated tables to ``out_dir`` (default ``<results_dir>/tables``) and the reproduction
+    report ``<results_dir>/REPRODUCTION.md`` (:mod:`uqvlm.reproduction`); return the paths."""
+    from uqvlm.reproduction import write_reproduction
+
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir / "tables"
-    out.mkdir(parents=True, exist_ok=True)
+    written = {"reproduction": write_reproduction(results_dir)}
+    console.print(f"reproduction report: {written['reproduction']}")
     long = collect_zeroshot(results_dir)
     if long.empty:
         console.print(f"[yellow]no zero-shot run records under {results_dir}/zeroshot/*/runs/[/]")
-        return {}
-    written = {}
+        return written
+    out.mkdir(parents=True, exist_ok=True)
     long_path = out / "zeroshot_runs.csv"
     with atomic_write(long_path, "w") as f:
         long.to_csv(f, index=False, float_format="%.5f")

@@ -60,8 +60,13 @@ def write_results(
     title: str,
     config: Mapping[str, Any],
     provenance: dict[str, Any] | None = None,
+    latex: bool = False,
+    significant: bool = False,
 ) -> dict[str, Path]:
-    """Write the table and its run record (with ``config``, the resolved config) atomically, then print it."""
+    """Write the table and its run record (with ``config``, the resolved config) atomically, then print it.
+    ``latex``: also ``<stem>.tex``; ``significant``: floats with significant digits (6 in the CSV, 4 in
+    the Markdown and LaTeX) instead of fixed decimals, for columns of very different scales (the
+    studies' tables)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
         "csv": directory / f"{stem}.csv",
@@ -69,6 +74,8 @@ def write_results(
         "json": directory / f"{stem}.json",
         "record": record_path(directory, stem, config),
     }
+    if latex:
+        paths["tex"] = directory / f"{stem}.tex"
     record = {
         "title": title,
         "config_hash": config_hash(config),
@@ -77,9 +84,12 @@ def write_results(
         "provenance": provenance or {},
     }
     with atomic_write(paths["csv"], "w") as f:
-        table.to_csv(f, index=False, float_format="%.5f")
+        table.to_csv(f, index=False, float_format="%.6g" if significant else "%.5f")
     with atomic_write(paths["md"], "w") as f:
-        f.write(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+        f.write(table.to_markdown(index=False, floatfmt=".4g" if significant else ".4f") + "\n")
+    if latex:
+        with atomic_write(paths["tex"], "w") as f:
+            f.write(table.to_latex(index=False, float_format="%.4g", caption=title, na_rep="--"))
     for key in ("json", "record"):
         with atomic_write(paths[key], "w") as f:
             json.dump(record, f, indent=2, default=str)

@@ -9,6 +9,7 @@ YAML files under ``configs/``; a field has a default here only where its key is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from uqvlm.active.acquisition import DISTANCES
-from uqvlm.active.domains import pool_domains, split_mode
+from uqvlm.active.domains import align_mode, pool_domains, split_mode
 from uqvlm.active.finetune import FinetuneConfig
 from uqvlm.active.strategies import EPIG_CANDIDATES, STRATEGIES, TARGETED_STRATEGIES, AcquisitionConfig
 from uqvlm.config_utils import require_set
@@ -28,6 +29,7 @@ from uqvlm.data.sections import (
     WHOLE_SECTION,
     DatasetSettings,
     HessianDataSettings,
+    PairDataSettings,
     PublishedFactorsSettings,
     hessian_data_settings,
     plain_section,
@@ -44,16 +46,23 @@ __all__ = [
     "TASK_SETTINGS",
     "ActiveDataSettings",
     "ActiveLearningSettings",
+    "CorruptionSettings",
     "DatasetSettings",
     "EpigSettings",
     "HessianDataSettings",
+    "HessianSizeSettings",
     "HessianTaskSettings",
     "ModelSettings",
+    "OverheadSettings",
     "PathSettings",
     "PosteriorSettings",
+    "PriorGridSettings",
+    "ProbCosineStudySettings",
+    "ProxyDataSettings",
     "RunSettings",
     "Schema",
     "TaskSettings",
+    "UncertaintyErrorSettings",
     "ZeroShotSettings",
     "build",
 ]
@@ -76,6 +85,7 @@ class Schema(Enum):
     DATASET = "a dataset section: its kind's constructor arguments plus the tasks' keys"
     METHODS = "method name -> a _target_ spec: its constructor's arguments"
     DOMAINS = "domain name -> a dataset section merged over task.data.common"
+    PAIR_DATA = "a hessian_data section: its kind's constructor arguments plus the tasks' keys"
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -283,7 +293,8 @@ class PerSplit:
 
 @dataclass(frozen=True, kw_only=True)
 class SplitSettings:
-    """``task.data.splits``: ``native`` splits of the dataset, or ``seeded`` fractions of each domain."""
+    """``task.data.splits``: ``native`` splits of the dataset, ``seeded`` fractions of each domain (by
+    ``seed``), or the ``published`` BayesVLM split (its own seed, 42)."""
 
     by: str = "native"
     seed: int = 0
@@ -302,6 +313,7 @@ class ActiveDataSettings:
     domains: Mapping[str, Any] = field(metadata={"schema": Schema.DOMAINS})
     pool: tuple[str, ...] | None = None  # null: every domain
     include_target_in_pool: bool = False
+    align: str = "names"  # how classes match across domains: names | class_ids (active/domains.py)
     splits: SplitSettings = field(default_factory=SplitSettings)
     sizes: PerSplit = field(default_factory=PerSplit)
     section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
@@ -318,6 +330,7 @@ class ActiveDataSettings:
         )
         pool_domains(self.section)
         split_mode(self.section)
+        align_mode(self.section)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -404,17 +417,264 @@ class ActiveLearningSettings:
         )
 
 
-TaskSettings = ZeroShotSettings | HessianTaskSettings | HessianMergeSettings | ActiveLearningSettings
+# ------------------------------------------------------------------------------------------ studies
+def _floats(path: str, value: Any, *, positive: bool = True, sort: bool = True) -> tuple[float, ...]:
+    """A non-empty list of finite numbers (> 0, or >= 0 with ``positive=False``), sorted, without repeats."""
+    items = _names(path, value)
+    if not items:
+        raise ConfigError(f"{path} must list at least one value")
+    out = []
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+            raise ConfigError(f"{path} must hold finite numbers, got {x!r}")
+        if x < 0 or (positive and x == 0):
+            raise ConfigError(f"{path} must hold numbers {'> 0' if positive else '>= 0'}, got {x!r}")
+        out.append(float(x))
+    return tuple(sorted(set(out))) if sort else tuple(out)
+
+
+def _structure(path: str, value: Any) -> str:
+    return check_choice(path, value, FITTED_STRUCTURES, ConfigError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverheadSettings:
+    """``task=overhead``: FLOPs and wall time of MAP vs the BayesVLM predictive (KFAC, probit) for a batch
+    of ``batch`` images against each K of ``classes`` (``dataset``: the configured dataset's class count).
+    Posteriors are synthetic, of the model's shapes: cost depends on shapes only."""
+
+    DATASET_K = "dataset"
+
+    name: str
+    batch: int
+    classes: tuple[int | str, ...]
+    repeats: int
+    warmup: int
+
+    def __post_init__(self) -> None:
+        _set(self, "batch", check_positive_int("task.batch", self.batch, ConfigError))
+        classes = _names("task.classes", self.classes)
+        if not classes:
+            raise ConfigError("task.classes must list at least one class count")
+        for k in classes:
+            if k != self.DATASET_K:
+                check_positive_int("task.classes", k, ConfigError)
+        _set(self, "classes", tuple(dict.fromkeys(classes)))
+        _set(self, "repeats", check_positive_int("task.repeats", self.repeats, ConfigError))
+        if _int("task.warmup", self.warmup) < 0:
+            raise ConfigError(f"task.warmup must be >= 0, got {self.warmup}")
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return ()
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorruptionSettings:
+    """``task=corruption``: the evaluated dataset under the published Gaussian pixel noise at each std of
+    ``levels``; true-class ProbCosine and MAP vs BayesVLM (``structure``) metrics per level."""
+
+    name: str
+    levels: tuple[float, ...]
+    structure: str
+    ece_bins: int
+
+    def __post_init__(self) -> None:
+        _set(self, "levels", _floats("task.levels", self.levels, positive=False))
+        _structure("task.structure", self.structure)
+        _set(self, "ece_bins", check_positive_int("task.ece_bins", self.ece_bins, ConfigError))
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return (self.structure,)
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return (self.structure,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbCosineStudySettings:
+    """``task=probcosine_study``: ProbCosine against Monte Carlo for ``pairs`` images (each with its true
+    class and one other class) at each pseudo-data count of ``widths`` (the posterior width), with
+    ``samples`` draws per pair; density figures of ``density_pairs`` pairs at each of ``density_widths``."""
+
+    name: str
+    structure: str
+    widths: tuple[float, ...]
+    pairs: int
+    samples: int
+    density_pairs: int
+    density_widths: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _structure("task.structure", self.structure)
+        _set(self, "widths", _floats("task.widths", self.widths))
+        for name in ("pairs", "density_pairs"):
+            _set(self, name, check_positive_int(f"task.{name}", getattr(self, name), ConfigError))
+        if _int("task.samples", self.samples) < 2:
+            raise ConfigError(f"task.samples must be an integer >= 2, got {self.samples}")
+        _set(self, "density_widths", _floats("task.density_widths", self.density_widths))
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return (self.structure,)
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return (self.structure,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HessianSizeSettings:
+    """``task=hessian_size``: the zero-shot evaluation with posteriors from the first N pairs of the Hessian
+    data, for N in ``sizes`` (``all``: every pair), or ``num_sizes`` log-spaced N from ``min_size`` up to
+    all when ``sizes`` is null."""
+
+    ALL = "all"
+
+    name: str
+    sizes: tuple[int | str, ...] | None = None
+    num_sizes: int
+    min_size: int
+    ece_bins: int
+
+    def __post_init__(self) -> None:
+        if self.sizes is not None:
+            sizes = _names("task.sizes", self.sizes)
+            if not sizes:
+                raise ConfigError("task.sizes must be null or list at least one size")
+            for size in sizes:
+                if size != self.ALL:
+                    check_positive_int("task.sizes", size, ConfigError)
+            _set(self, "sizes", sizes)
+        for name in ("num_sizes", "min_size", "ece_bins"):
+            _set(self, name, check_positive_int(f"task.{name}", getattr(self, name), ConfigError))
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyDataSettings:
+    """``task=proxy_data``: the zero-shot evaluation with posteriors from the run's ``hessian_data``
+    (in-distribution) and from ``proxy`` (a hessian_data option, chosen with
+    ``hessian_data@task.proxy=<option>``)."""
+
+    name: str
+    proxy: Mapping[str, Any] | HessianDataSettings | None = field(
+        default=None, metadata={"schema": Schema.PAIR_DATA}
+    )
+    ece_bins: int
+
+    def __post_init__(self) -> None:
+        if self.proxy is not None and not isinstance(self.proxy, PairDataSettings | PublishedFactorsSettings):
+            _set(self, "proxy", hessian_data_settings(self.proxy, "task.proxy"))
+        _set(self, "ece_bins", check_positive_int("task.ece_bins", self.ece_bins, ConfigError))
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorGridSettings:
+    """``task=prior_grid``: NLL / ECE / accuracy of BayesVLM over the grid ``n_grid`` x ``lambda_grid``
+    (the same lambda on both towers), beside the evidence's lambda at each n."""
+
+    name: str
+    n_grid: tuple[float, ...]
+    lambda_grid: tuple[float, ...]
+    ece_bins: int
+
+    def __post_init__(self) -> None:
+        _set(self, "n_grid", _floats("task.n_grid", self.n_grid))
+        _set(self, "lambda_grid", _floats("task.lambda_grid", self.lambda_grid))
+        _set(self, "ece_bins", check_positive_int("task.ece_bins", self.ece_bins, ConfigError))
+
+    def fitted_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+    def evidence_structures(self, posterior: PosteriorSettings) -> tuple[str, ...]:
+        return posterior.structures
+
+
+UNCERTAINTY_KINDS = ("entropy", "one_minus_max")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UncertaintyErrorSettings(ActiveLearningSettings):
+    """``task=uncertainty_error``: the active-learning setup (its settings, inherited); error rate per
+    equal-mass bin of predictive uncertainty (``uncertainty``, ``bins`` bins) of the zero-shot BayesVLM
+    predictive and of the predictive after fine-tuning on each strategy's selection at the largest budget
+    (first seed)."""
+
+    bins: int
+    uncertainty: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "bins", check_positive_int("task.bins", self.bins, ConfigError))
+        check_choice("task.uncertainty", self.uncertainty, UNCERTAINTY_KINDS, ConfigError)
+
+
+TaskSettings = (
+    ZeroShotSettings
+    | HessianTaskSettings
+    | HessianMergeSettings
+    | ActiveLearningSettings
+    | OverheadSettings
+    | CorruptionSettings
+    | ProbCosineStudySettings
+    | HessianSizeSettings
+    | ProxyDataSettings
+    | PriorGridSettings
+    | UncertaintyErrorSettings
+)
 # ``task.name`` -> its settings; the task's code is the module ``uqvlm.tasks.<name>``.
 TASK_SETTINGS: dict[str, type[TaskSettings]] = {
     "zeroshot": ZeroShotSettings,
     "hessian": HessianTaskSettings,
     "hessian_merge": HessianMergeSettings,
     "active_learning": ActiveLearningSettings,
+    "overhead": OverheadSettings,
+    "corruption": CorruptionSettings,
+    "probcosine_study": ProbCosineStudySettings,
+    "hessian_size": HessianSizeSettings,
+    "proxy_data": ProxyDataSettings,
+    "prior_grid": PriorGridSettings,
+    "uncertainty_error": UncertaintyErrorSettings,
 }
 
 
 # ------------------------------------------------------------------------------------------------ run
+def _check_hessian_data_fits_model(model: ModelSettings, hessian_data: HessianDataSettings) -> None:
+    """Hessian data made for another model stops the run before compute: the shapes world's pairs are for
+    the tiny model only, the published factors for the four checkpoints they were computed on."""
+    from uqvlm.models.tiny import MODEL_NAME
+    from uqvlm.published import chosen_set, no_set_message
+
+    tiny = model.name == MODEL_NAME
+    if isinstance(hessian_data, PublishedFactorsSettings):
+        if tiny:
+            raise ConfigError(
+                f"hessian_data=published: the published factors belong to real checkpoints, not to "
+                f"{MODEL_NAME}; use hessian_data=shapes (its default) or a real model (e.g. model=clip-b32)"
+            )
+        chosen = chosen_set(hessian_data.checkpoint, model.name, model.pretrained)
+        if chosen is None and hessian_data.dir is None:
+            raise ConfigError(no_set_message(model.name, model.pretrained))
+    elif hessian_data.kind == "shapes" and not tiny:
+        raise ConfigError(
+            f"hessian_data=shapes is the shapes world's curvature, made for {MODEL_NAME}, not for {model.name}: "
+            "use its published factors (hessian_data=published, the default of the paper's models) or real "
+            "image-caption pairs (hessian_data=laion400m | cc12m | flickr30k)"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """Everything a task reads, checked; ``config`` is the composed config, resolved (the run record and
@@ -453,6 +713,8 @@ class RunSettings:
                 f"hessian_data=published provides KFAC factors only: use {on_diag[1]}, or Hessian data "
                 "(e.g. hessian_data=laion400m) for a diagonal posterior"
             )
+        if self.task.fitted_structures(self.posterior):
+            _check_hessian_data_fits_model(self.model, self.hessian_data)
         post = self.posterior
         if (
             post.prior_precision == "evidence"

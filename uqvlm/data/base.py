@@ -7,6 +7,7 @@ import json
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -21,13 +22,16 @@ class ZeroShotDataset(Dataset, ABC):
     """Labelled images for zero-shot classification.
 
     Items are ``(PIL.Image in RGB, int label)``; ``classnames[label]`` names the class and
-    ``templates`` are prompt templates with a ``{c}`` placeholder for the class name.
+    ``templates`` are prompt templates with a ``{c}`` placeholder for the class name. ``class_ids``, when
+    known, gives each class a stable identity across datasets (ImageNet's WordNet ids), by which domains are
+    aligned; None when the classes are known by name only.
     """
 
     name: str
     split: str
     classnames: list[str]
     templates: list[str]
+    class_ids: list[str] | None = None
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -38,6 +42,10 @@ class ZeroShotDataset(Dataset, ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """Everything that determines the items (source, revision, split, seed, size), hashed."""
+
+    def labels(self) -> np.ndarray:
+        """Every item's label, in item order (sources with an index override this without decoding)."""
+        return np.asarray([self[i][1] for i in range(len(self))], dtype=np.int64)
 
     def prompts(self) -> list[list[str]]:
         """Per class, the prompts made from every template."""

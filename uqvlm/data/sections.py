@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from uqvlm.errors import ConfigError
 from uqvlm.validation import check_positive_int
 
+# N of the authors' published factors (scripts/hessian_estimation.py --max_datapoints: 10 x 32,768 pairs).
+PUBLISHED_NUM_DATA = 327_680
 # Metadata of the field that keeps a whole section (for the registry); it is not a key of the section.
 WHOLE_SECTION = {"whole_section": True}
 
@@ -39,6 +41,33 @@ def plain_section(node: Any, path: str) -> dict[str, Any]:
     return dict(node)
 
 
+PROTOCOL_KEY = "protocol"
+PROTOCOLS_KEY = "protocols"
+
+
+def apply_protocol(section: Mapping[str, Any], path: str = "dataset") -> dict[str, Any]:
+    """A dataset section that offers ``protocols`` as the section of the one its ``protocol`` names: that
+    protocol's entry merged over the shared keys (the entry's keys win: they fix what the protocol reads,
+    e.g. its ``kind`` and ``source``), ``protocols`` dropped. A section without ``protocols`` is returned as
+    it is. (configs/dataset/*.yaml; the keys a protocol's kind does not read are dropped by the registry.)
+    """
+    section = dict(section)
+    protocols = section.pop(PROTOCOLS_KEY, None)
+    if protocols is None:
+        return section
+    if not isinstance(protocols, Mapping) or not protocols:
+        raise ConfigError(f"{path}.{PROTOCOLS_KEY} must map each protocol name to the keys it sets")
+    chosen = section.get(PROTOCOL_KEY)
+    if chosen not in protocols:
+        raise ConfigError(
+            f"{path}.{PROTOCOL_KEY} must be one of {', '.join(map(str, protocols))} for this dataset, got {chosen!r}"
+        )
+    entry = protocols[chosen] or {}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{path}.{PROTOCOLS_KEY}.{chosen} must be a section of keys, got {entry!r}")
+    return {**section, **entry}
+
+
 def _required(section: Mapping[str, Any], path: str, key: str) -> Any:
     if section.get(key) is None:
         raise ConfigError(f"{path}.{key} is not set")
@@ -48,7 +77,7 @@ def _required(section: Mapping[str, Any], path: str, key: str) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class DatasetSettings:
     """A ``dataset`` section: ``name`` names the results, ``val_split`` is the labelled split of methods
-    fitted on labels, ``section`` the whole section for the registry."""
+    fitted on labels, ``section`` the whole section for the registry (its chosen protocol applied)."""
 
     name: str
     kind: str
@@ -57,7 +86,7 @@ class DatasetSettings:
 
     @classmethod
     def from_section(cls, node: Any, path: str = "dataset") -> DatasetSettings:
-        section = plain_section(node, path)
+        section = apply_protocol(plain_section(node, path), path)
         return cls(
             name=str(_required(section, path, "name")),
             kind=str(_required(section, path, "kind")),
@@ -101,15 +130,26 @@ class PairDataSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PublishedFactorsSettings:
-    """``hessian_data=published``: the published BayesVLM KFAC factors in ``dir`` (``???`` until set:
-    ``config_utils.require_set`` names it where the factors are read)."""
+    """``hessian_data=published``: the authors' KFAC factors of the set ``checkpoint`` (None: the model's
+    own), downloaded from ``base_url`` into the cache or read from a local ``dir`` (uqvlm/published.py);
+    ``num_data`` (N, the pairs behind them) is recorded on the posteriors so they can be extended."""
 
     KIND = "published"
 
     name: str
     kind: str
+    checkpoint: str | None = None
+    base_url: str | None = None
     dir: str | None = None
+    num_data: int = PUBLISHED_NUM_DATA
     section: Mapping[str, Any] = field(default_factory=dict, metadata=WHOLE_SECTION)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "num_data", check_positive_int("hessian_data.num_data", self.num_data, ConfigError)
+        )
+        if self.dir is None and not self.base_url:
+            raise ConfigError("hessian_data=published needs hessian_data.base_url or hessian_data.dir")
 
 
 HessianDataSettings = PairDataSettings | PublishedFactorsSettings
@@ -120,7 +160,10 @@ def hessian_data_settings(node: Any, path: str = "hessian_data") -> HessianDataS
     section = plain_section(node, path)
     name, kind = str(_required(section, path, "name")), str(_required(section, path, "kind"))
     if kind == PublishedFactorsSettings.KIND:
-        return PublishedFactorsSettings(name=name, kind=kind, dir=section.get("dir"), section=section)
+        keys = ("checkpoint", "base_url", "dir", "num_data")
+        return PublishedFactorsSettings(
+            name=name, kind=kind, **{k: section[k] for k in keys if k in section}, section=section
+        )
     return PairDataSettings(
         name=name,
         kind=kind,

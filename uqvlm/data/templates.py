@@ -1,7 +1,10 @@
 """Prompt template sets, selectable by name; ``{c}`` is the class-name placeholder.
 
-``paper`` is BayesVLM's single prompt ("An image of a {class}"). The ensembles are OpenAI CLIP's
-(its ``prompts.md`` / ImageNet notebook), which clip_benchmark reuses per dataset.
+``paper`` is BayesVLM's single prompt, exactly ``An image of a {class_name}`` with no trailing period
+(``text_prompt`` of bayesvlm/data/factory.py and every data module @ 855be8b). ``clip_benchmark`` is the
+dataset's own ``zeroshot_classification_templates.txt`` of a CLIP_benchmark repo (same as ``{from: file}``).
+The other ensembles are OpenAI CLIP's (its ``prompts.md`` / ImageNet notebook), which CLIP_benchmark reuses
+per dataset.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-PAPER: list[str] = ["An image of a {c}."]
+PAPER: list[str] = ["An image of a {c}"]
 
 # open_clip keeps these as lambdas; calling them with the placeholder turns them into format strings.
 OPENAI_IMAGENET: list[str] = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]  # 80
@@ -86,13 +89,16 @@ TEMPLATE_SETS: dict[str, list[str]] = {
     "imagenet-sketch": OPENAI_IMAGENET,
 }
 ALIASES = {"default": "paper", "imagenet": "openai_imagenet", "openai": "openai_imagenet"}
+# The set read from the dataset's templates file rather than named here.
+FROM_FILE = "clip_benchmark"
 
 
 def get_templates(name: str) -> list[str]:
     """A named template set (a copy); KeyError listing the names when unknown."""
     key = ALIASES.get(name, name)
     if key not in TEMPLATE_SETS:
-        raise KeyError(f"unknown template set {name!r}; known: {', '.join(sorted(TEMPLATE_SETS))}")
+        known = ", ".join(sorted([*TEMPLATE_SETS, FROM_FILE]))
+        raise KeyError(f"unknown template set {name!r}; known: {known}")
     return list(TEMPLATE_SETS[key])
 
 
@@ -114,10 +120,13 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 def resolve_templates(spec: Any) -> list[str] | None:
     """A template spec from a config: a set name, a list of templates, or None.
 
-    Returns None for ``{"from": "file"}`` (the caller reads the dataset's own templates file).
+    Returns None for ``{"from": "file"}`` and ``clip_benchmark`` (the caller reads the dataset's own
+    templates file).
     """
     if spec is None:
         return get_templates("paper")
+    if spec == FROM_FILE:
+        return None
     if isinstance(spec, str):
         return get_templates(spec)
     if isinstance(spec, Mapping):

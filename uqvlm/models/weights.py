@@ -28,6 +28,7 @@ from open_clip.pretrained import (
 from open_clip.transform import merge_preprocess_dict
 
 from uqvlm import hub
+from uqvlm.artifacts import Artifact
 from uqvlm.errors import UqvlmError, WeightsUnavailableError
 from uqvlm.models.tiny import register_model_configs
 
@@ -243,3 +244,85 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         f"pretrained={pretrained!r} is neither a known tag of {name} nor an existing file.{hint} "
         f"Tags of {name}: {', '.join(tags) if tags else '(none)'}"
     )
+
+
+# Files a transformers tokenizer may read from its hub repo (which ones a given repo has: not known ahead,
+# so every small file; the weights are left out).
+TOKENIZER_PATTERNS = ("*.json", "*.model", "*.txt")
+
+
+def _tokenizer_artifacts(oc_name: str) -> list[Artifact]:
+    text_cfg = (open_clip.get_model_config(oc_name) or {}).get("text_cfg") or {}
+    repo = text_cfg.get("hf_tokenizer_name")
+    if not repo:
+        return []
+    return [
+        Artifact(
+            kind="hf_repo",
+            what=f"model {oc_name}: tokenizer ({repo})",
+            repo_id=repo,
+            repo_type="model",
+            allow_patterns=TOKENIZER_PATTERNS,
+        )
+    ]
+
+
+def weight_artifacts(model_name: str, pretrained: str | None) -> list[Artifact]:
+    """What loading ``model_name`` with ``pretrained`` needs on this machine, without touching it: the hub
+    repo and weight file names of a pretrained tag (or of an ``hf-hub:`` model), a tokenizer repo, a local
+    checkpoint or folder. uqvlm's own ``shapes`` checkpoint is trained locally and needs nothing."""
+    what = f"model {model_name} ({pretrained})"
+    source = model_name if _schema(model_name) else pretrained if _schema(pretrained) else None
+    if source is not None and _schema(source) == "hf-hub":
+        repo = source[len(HF_HUB_PREFIX) :].strip("/")
+        return [
+            Artifact(kind="hf_repo", what=f"{what}: config", repo_id=repo, allow_patterns=(HF_CONFIG_FILE,)),
+            Artifact(
+                kind="hf_repo",
+                what=f"{what}: weights",
+                repo_id=repo,
+                allow_patterns=HF_WEIGHT_FILES,
+                one_of=True,
+            ),
+        ]
+    if source is not None:
+        return [
+            Artifact(
+                kind="manual",
+                what=what,
+                path=source[len(LOCAL_DIR_PREFIX) :],
+                hint="model.name=local-dir:/path",
+            )
+        ]
+    name = check_model_name(model_name)
+    out = _tokenizer_artifacts(name)
+    if pretrained in (None, "", "none", "None", "shapes"):
+        return out
+    pcfg = get_pretrained_cfg(name, pretrained)
+    if pcfg.get("hf_hub"):
+        repo_id, filename = os.path.split(pcfg["hf_hub"])
+        alternatives = tuple(_safe_alternatives(filename or "open_clip_pytorch_model.bin"))
+        return [
+            Artifact(
+                kind="hf_repo",
+                what=f"{what}: weights",
+                repo_id=repo_id,
+                allow_patterns=alternatives,
+                one_of=True,
+            ),
+            *out,
+        ]
+    if pcfg.get("url") or pcfg.get("file"):
+        target = pcfg.get("file") or _url_target(pcfg["url"], None)
+        hint = f"open_clip downloads it from {pcfg['url']} on first use" if pcfg.get("url") else ""
+        return [Artifact(kind="manual", what=f"{what}: weights", path=target, hint=hint), *out]
+    # A checkpoint file (an existing one is present; a missing one is reported here too).
+    return [
+        Artifact(
+            kind="manual",
+            what=f"{what}: checkpoint file",
+            path=os.path.expanduser(pretrained),
+            hint="model.pretrained=/path/to/checkpoint",
+        ),
+        *out,
+    ]

@@ -24,8 +24,9 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,6 +49,8 @@ __all__ = [
     "encoder_flops",
     "map_log_probs",
     "overhead_summary",
+    "per_image_overhead",
+    "plot_overhead",
     "predictive_costs",
     "synthetic_kfac_inputs",
     "time_call",
@@ -270,11 +273,21 @@ def encoder_flops(vlm: Any, batch: int = 1) -> dict[str, int]:
     h, w = _image_size(model)
     pixels = torch.zeros(batch, 3, h, w, device=device)
     tokens = torch.zeros(batch, _context_length(model), dtype=torch.long, device=device)
-    with _countable_attention():
-        return {
-            "image": count_flops(model.encode_image, pixels),
-            "text": count_flops(model.encode_text, tokens),
-        }
+    # The counter's module tracker hooks the gradient of every module input that requires one; a view of
+    # a parameter made under no_grad (SigLIP's attention-pool latent, expanded) requires one but has no
+    # grad_fn, which the tracker refuses. Nothing requires a gradient while counting.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in grads:
+            p.requires_grad_(False)
+        with _countable_attention():
+            return {
+                "image": count_flops(model.encode_image, pixels),
+                "text": count_flops(model.encode_text, tokens),
+            }
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -304,6 +317,26 @@ def overhead_summary(encoder: dict[str, int], costs: dict[str, PredictiveCost]) 
     }
 
 
+def per_image_overhead(
+    image_encoder_flops: int, costs: dict[str, PredictiveCost], more: dict[str, PredictiveCost]
+) -> float:
+    """Extra matmul FLOPs of BayesVLM per additional image, over MAP's per image (encoder + predictive):
+    the steady state of a long evaluation, where the K class prompts' costs (their encoding and, for
+    BayesVLM, their variances) are paid once. From the costs at two batch sizes with the same K (the
+    cost is affine in N)."""
+    if (
+        costs["map"].n_classes != more["map"].n_classes
+        or costs["bayesvlm"].n_classes != more["map"].n_classes
+    ):
+        raise ValueError("costs and more must be counted for the same K")
+    images = more["map"].n_images - costs["map"].n_images
+    if images <= 0 or more["bayesvlm"].n_images - costs["bayesvlm"].n_images != images:
+        raise ValueError("more must be counted for more images than costs, the same for both methods")
+    map_per = more["map"].matmul_flops - costs["map"].matmul_flops
+    bayes_per = more["bayesvlm"].matmul_flops - costs["bayesvlm"].matmul_flops
+    return (bayes_per - map_per) / (images * image_encoder_flops + map_per)
+
+
 # ---------------------------------------------------------------------------------------- timing
 
 
@@ -329,3 +362,48 @@ def time_call(
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------- figure
+
+
+def plot_overhead(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    bounds: tuple[float, float] = (0.0011, 0.05),
+    title: str = "",
+) -> Path:
+    """Two panels of grouped bars, one group per model and one bar per K: the extra matmul FLOPs of the
+    BayesVLM pipeline (``flops_overhead``, log scale) and its extra wall time end to end from pixels
+    (``runtime_overhead``), both in percent of the deterministic pipeline's, with the paper's bounds
+    (``bounds``: FLOPs, runtime, as fractions) dashed. ``rows``: dicts with ``model``, ``classes`` and
+    those two columns."""
+    from uqvlm.plots import _save, plt
+
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    ks = sorted({int(r["classes"]) for r in rows})
+    width = 0.8 / len(ks)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(models) + 3.0), 3.4))
+    for ax, key, bound, label in (
+        (axes[0], "flops_overhead", bounds[0], "extra FLOPs (%)"),
+        (axes[1], "runtime_overhead", bounds[1], "extra wall time from pixels (%)"),
+    ):
+        for j, k in enumerate(ks):
+            values = [
+                next((100 * float(r[key]) for r in rows if r["model"] == m and int(r["classes"]) == k), 0.0)
+                for m in models
+            ]
+            ax.bar(
+                [i + (j - (len(ks) - 1) / 2) * width for i in range(len(models))],
+                values,
+                width,
+                label=f"K={k}",
+            )
+        ax.axhline(100 * bound, color="tab:red", linestyle="--", linewidth=1, label="paper's bound")
+        ax.set_xticks(range(len(models)), models, rotation=20, fontsize=7)
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

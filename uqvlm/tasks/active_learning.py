@@ -30,7 +30,7 @@ from uqvlm.metrics import evaluate_log_probs
 from uqvlm.results import model_slug, write_results
 from uqvlm.settings import ActiveDataSettings, ActiveLearningSettings, RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.hessian import ensure_hessian_data, fit_posteriors
 
 ZERO_SHOT = "zero-shot"
 ROW_COLUMNS = [
@@ -239,6 +239,7 @@ def run(settings: RunSettings) -> TaskResult:
     strategies, budgets, seeds = task.strategies, task.budgets, task.seeds
     acq, ft_cfg = task.acquisition(), task.finetune
     model = load_model(settings, dirs)
+    ensure_hessian_data(settings, model, dirs)
     vlm = model.vlm
     data = _load_data(task, model, dirs)
     check_budgets(task, data)

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from uqvlm.cache import FORMAT_VERSION, cache_key, get_or_build, load_verified
-from uqvlm.config_utils import require_set
+from uqvlm.cache import FORMAT_VERSION, cache_key, file_digest, get_or_build, load_verified
 from uqvlm.console import console, progress
 from uqvlm.data.base import PairRange
 from uqvlm.data.registry import build_pair_dataset
@@ -31,6 +30,7 @@ from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError, 
 from uqvlm.features import LastLayer
 from uqvlm.laplace import KFACPosterior, Laplace, likelihood_for, load_published_factors
 from uqvlm.laplace.base import STATE_VERSION, LastLayerPosterior
+from uqvlm.published import FILES
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import (
     LoadedModel,
@@ -48,21 +48,32 @@ def _heads(vlm) -> dict[str, Any]:
     return {"image": vlm.image_head, "text": vlm.text_head}
 
 
+def published_factor_dir(
+    published: PublishedFactorsSettings, model_identity: dict[str, Any], cache: Path
+) -> Path:
+    """The folder of verified published factors for the model (downloaded into the cache when missing)."""
+    from uqvlm.published import published_dir
+
+    # A tag (or hf-hub: name) is the identity's ``weights``; a checkpoint file is a digest there, which
+    # names no published set (hessian_data.checkpoint or .dir then says which factors to use).
+    return published_dir(published.section, model_identity["name"], model_identity["weights"], cache)
+
+
 def _published_posteriors(
-    published: PublishedFactorsSettings, model: LoadedModel, structure: str
-) -> dict[str, Any]:
+    published: PublishedFactorsSettings, model: LoadedModel, dirs: RunDirs, structure: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     if structure != KFACPosterior.structure:
         raise ConfigError(
             f"hessian_data=published provides KFAC factors only; posterior structure {structure!r} "
             "needs Hessian data (e.g. hessian_data=laion400m)"
         )
-    require_set(published.section, "hessian_data")
+    directory = published_factor_dir(published, model.identity, dirs.cache)
     try:
-        factors = load_published_factors(published.dir)
+        factors = load_published_factors(directory)
     except FileNotFoundError as err:
-        raise DataUnavailableError(f"hessian_data.dir={published.dir}: {err}") from err
+        raise DataUnavailableError(f"hessian_data=published: {err}") from err
     except ValueError as err:  # factors of the wrong shape or kind in the user's directory
-        raise DatasetFormatError(f"hessian_data.dir={published.dir}: {err}") from err
+        raise DatasetFormatError(f"hessian_data=published ({directory}): {err}") from err
     heads = _heads(model.vlm)
     # The model's likelihood, for curvature added later (EPIG's updates).
     likelihood = likelihood_for(model.vlm)
@@ -73,16 +84,32 @@ def _published_posteriors(
             posts[tower] = KFACPosterior.from_factors(
                 factors[f"A_{short}"],
                 factors[f"B_{short}"],
+                num_data=published.num_data,
                 weight=head.weight,
                 bias=head.bias,
                 likelihood=likelihood,
             )
         except ValueError as err:
             raise UqvlmError(
-                f"the published factors in {published.dir} do not fit {model.identity['name']}'s {tower} "
+                f"the published factors in {directory} do not fit {model.identity['name']}'s {tower} "
                 f"last layer ({err})"
             ) from None
-    return posts
+    # What determines the posterior: the factor files' bytes (not where they lie) and N.
+    ident = {
+        "published": {f: file_digest(directory / f) for f in FILES},
+        "num_data": published.num_data,
+    }
+    return posts, ident
+
+
+def ensure_hessian_data(settings: RunSettings, model: LoadedModel, dirs: RunDirs) -> None:
+    """The published factors fetched and verified now, before any feature is computed: a missing or
+    corrupted file stops the run at its start, not after the extraction."""
+    published = settings.hessian_data
+    if isinstance(published, PublishedFactorsSettings) and settings.task.fitted_structures(
+        settings.posterior
+    ):
+        published_factor_dir(published, model.identity, dirs.cache)
 
 
 def on_device(post: LastLayerPosterior, device: torch.device) -> LastLayerPosterior:
@@ -276,8 +303,9 @@ def fit_posteriors(
     Returns the posteriors (on the CPU) and the cache identity they were built from.
     """
     if isinstance(hessian_data, PublishedFactorsSettings):
-        posts = _published_posteriors(hessian_data, model, structure)  # the heads on the model's device
-        return {t: on_device(p, "cpu") for t, p in posts.items()}, {"published": str(hessian_data.dir)}
+        # The heads live on the model's device, the factors on the CPU: all on the CPU, as estimated ones.
+        posts, ident = _published_posteriors(hessian_data, model, dirs, structure)
+        return {t: on_device(p, "cpu") for t, p in posts.items()}, ident
     estimate = _Estimate(hessian_data, model, dirs, structure)
     entry = estimate.cached()
     if entry is None:

@@ -3,7 +3,7 @@ is a typo and stops the run.
 
 ``check_config_keys`` walks the model, dataset, hessian_data, posterior and task sections of a composed
 config before any compute. Dataset sections take their constructor's arguments plus the keys the tasks
-read (``uqvlm.data.registry``); ``task.methods`` entries take their ``_target_``'s constructor
+read (``uqvlm.data.registry``; with ``protocols``, the arguments of any protocol's kind); ``task.methods`` entries take their ``_target_``'s constructor
 arguments; every other section takes the fields of its settings class, a dataclass field being a
 sub-section (tests/test_configs.py checks every shipped option).
 """
@@ -18,7 +18,13 @@ from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from uqvlm.data.registry import constructor_keys, pair_dataset_keys, zeroshot_dataset_keys
+from uqvlm.data.registry import (
+    PROTOCOLS_KEY,
+    constructor_keys,
+    dataset_section_keys,
+    pair_dataset_keys,
+    zeroshot_dataset_keys,
+)
 from uqvlm.errors import UqvlmError
 from uqvlm.settings import TASK_SETTINGS, ModelSettings, PosteriorSettings, Schema
 from uqvlm.validation import check_keys
@@ -78,6 +84,19 @@ def _kind_keys(
         raise UqvlmError(f"{path}.kind: {err}") from None
 
 
+def _dataset_sections(path: str, node: DictConfig) -> Iterator[Section]:
+    """A labelled dataset section, and each entry of its ``protocols`` with the keys of that entry's kind."""
+    try:
+        yield path, node, dataset_section_keys(node)
+    except ValueError as err:
+        raise UqvlmError(f"{path}.kind: {err}") from None
+    protocols = _child(node, PROTOCOLS_KEY)
+    for name in protocols or ():
+        if (entry := _child(protocols, name)) is not None:
+            here = f"{path}.{PROTOCOLS_KEY}.{name}"
+            yield here, entry, _kind_keys(here, entry.get("kind", node.get("kind")), zeroshot_dataset_keys)
+
+
 def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section]:
     yield path, node, frozenset(spec)
     for key, sub in spec.items():
@@ -88,7 +107,9 @@ def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section
         if isinstance(sub, dict):
             yield from _walk(here, child, sub)
         elif sub is Schema.DATASET:
-            yield here, child, _kind_keys(here, child.get("kind"), zeroshot_dataset_keys)
+            yield from _dataset_sections(here, child)
+        elif sub is Schema.PAIR_DATA:
+            yield here, child, _kind_keys(here, child.get("kind"), pair_dataset_keys)
         elif sub is Schema.METHODS:
             yield here, child, None
             for name in child:
@@ -107,7 +128,7 @@ def _walk(path: str, node: DictConfig, spec: dict[str, Any]) -> Iterator[Section
 def config_sections(cfg: DictConfig) -> Iterator[Section]:
     """(path, section, the keys it may hold or None for any) of every checked section of ``cfg``."""
     yield "model", cfg.model, frozenset(settings_keys(ModelSettings))
-    yield "dataset", cfg.dataset, _kind_keys("dataset", cfg.dataset.get("kind"), zeroshot_dataset_keys)
+    yield from _dataset_sections("dataset", cfg.dataset)
     yield (
         "hessian_data",
         cfg.hessian_data,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
@@ -18,7 +19,7 @@ from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likel
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
-from uqvlm.tasks.hessian import fit_posteriors, on_device
+from uqvlm.tasks.hessian import ensure_hessian_data, fit_posteriors, on_device
 
 
 def output_location(settings: RunSettings) -> tuple[Path, str]:
@@ -96,21 +97,20 @@ def label_use(objective: str | None, method: Method) -> str | None:
     return "; ".join(reasons) or None
 
 
-def run(settings: RunSettings) -> TaskResult:
-    task, data = settings.task, settings.dataset
-    dirs = prepare_dirs(settings.paths)
-    methods = selected_methods(settings)
-    # The dataset first: a missing dataset is reported before a model is loaded (or pretrained).
-    dataset = build_zeroshot_dataset(data.section)
-    if len(dataset) == 0:
-        raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
-    model = load_model(settings, dirs)
-    vlm = model.vlm
-    # Features are cached on the CPU; the methods predict on the model's device, scores are taken on the CPU.
-    device = model.device
+def load_evaluation(
+    settings: RunSettings, dirs: RunDirs, model: LoadedModel, dataset, device: torch.device | str = "cpu"
+) -> tuple[ZeroShotContext, dict[str, Any]]:
+    """The zero-shot context of ``dataset`` under this run's model (cached image and class text features,
+    and providers of the validation split, augmented views and the posteriors, fitted from
+    ``settings.hessian_data`` once per structure) and its provenance, which the providers fill in.
+
+    The context's tensors (features, labels, posteriors) are on ``device``: the model's, for predictions
+    made where the model lives; the CPU by default."""
+    data = settings.dataset
+    device = torch.device(device)
     image, labels = _features(data.name, model, dirs, dataset, f"{data.name} {dataset.split}")
     text = encode_prompts(
-        vlm,
+        model.vlm,
         dataset.prompts(),
         cache_dir=dirs.cache,
         model_id=model.identity,
@@ -145,8 +145,8 @@ def run(settings: RunSettings) -> TaskResult:
         return {tower: on_device(post, device) for tower, post in posts.items()}
 
     ctx = ZeroShotContext(
-        logit_scale=vlm.logit_scale,
-        logit_bias=vlm.logit_bias,
+        logit_scale=model.vlm.logit_scale,
+        logit_bias=model.vlm.logit_bias,
         image=image.to(device),
         labels=labels.to(device),
         text=text.to(device),
@@ -155,6 +155,28 @@ def run(settings: RunSettings) -> TaskResult:
         views_provider=views,
         posterior_provider=posteriors,
     )
+    return ctx, provenance
+
+
+def load_dataset(settings: RunSettings):
+    """The evaluated dataset of the run (before any model is loaded: a missing dataset is reported first)."""
+    data = settings.dataset
+    dataset = build_zeroshot_dataset(data.section)
+    if len(dataset) == 0:
+        raise DataUnavailableError(f"dataset {data.name!r} (split {dataset.split!r}) is empty")
+    return dataset
+
+
+def run(settings: RunSettings) -> TaskResult:
+    task, data = settings.task, settings.dataset
+    dirs = prepare_dirs(settings.paths)
+    methods = selected_methods(settings)
+    dataset = load_dataset(settings)
+    model = load_model(settings, dirs)
+    ensure_hessian_data(settings, model, dirs)
+    # Features are cached on the CPU; the methods predict on the model's device, scores are taken on the CPU.
+    ctx, provenance = load_evaluation(settings, dirs, model, dataset, model.device)
+    labels = ctx.labels.cpu()
     ece_bins = task.ece_bins
     rows, log_probs, label_uses = [], {}, {}
     for name, method in methods.items():

@@ -4,6 +4,11 @@
   a local copy of a hub repo such as clip-benchmark's ``wds_*`` webdataset repos with ``classnames.txt``
   and ``zeroshot_classification_templates.txt`` at the root).
 - :class:`ImageFolderZeroShot` (:mod:`.imagefolder`): ``root/<class>/**/*.jpg``.
+- :class:`ZhouSplitZeroShot` (:mod:`.splits`): a split of CoOp's ``split_zhou_<Dataset>.json`` (the
+  published UCF101, SUN397 and EuroSAT test splits); the module also holds the seeded ``subset`` rules of
+  the published ImageNet-R / ImageNet-Sketch splits and the active-learning domain splits.
+- :class:`ImageNetRFolder` (:mod:`.imagenet`): the unpacked ImageNet-R tar read as BayesVLM reads it; the
+  module pins the ImageNet / ImageNet-R / ImageNet-A WordNet ids that align classes across datasets.
 - :class:`WebDatasetPairs` (:mod:`.webdataset`): local img2dataset-style tar shards (``<key>.jpg`` +
   ``<key>.txt``), indexed once so items can be read by position.
 - :class:`HFPairs` (:mod:`.hf`): a Hugging Face image-caption dataset.
@@ -20,13 +25,18 @@ replaces an undecodable item by the next decodable one (deterministic; counted p
 from uqvlm.data.sources.common import decode_image
 from uqvlm.data.sources.hf import HFPairs, HFZeroShot
 from uqvlm.data.sources.imagefolder import ImageFolderZeroShot
+from uqvlm.data.sources.imagenet import ImageNetRFolder
+from uqvlm.data.sources.splits import SubsetView, ZhouSplitZeroShot
 from uqvlm.data.sources.webdataset import WebDatasetPairs, expand_braces
 
 __all__ = [
     "HFPairs",
     "HFZeroShot",
     "ImageFolderZeroShot",
+    "ImageNetRFolder",
+    "SubsetView",
     "WebDatasetPairs",
+    "ZhouSplitZeroShot",
     "decode_image",
     "expand_braces",
 ]

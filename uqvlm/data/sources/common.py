@@ -1,4 +1,5 @@
-"""Helpers shared by the dataset sources: image decoding, seeded subsets, bad-image handling, text files."""
+"""Helpers shared by the dataset sources: image decoding, seeded subsets, bad-image handling, text files,
+and the labelled-files base of the folder sources."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uqvlm.errors import DatasetFormatError
+from uqvlm.config_utils import to_plain
+from uqvlm.data.base import ZeroShotDataset, fingerprint_of
+from uqvlm.data.templates import resolve_templates
+from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +106,70 @@ def _with_replacement(ds: Any, index: int) -> tuple[Image.Image, str]:
             ds.skipped += 1
             log.warning("%s: item %d cannot be decoded (%s); using item %d", ds.name, j, e, (j + 1) % len(ds))
     raise DatasetFormatError(f"{ds.name}: {MAX_REPLACEMENTS} consecutive undecodable items from {index}")
+
+
+class LabelledFiles(ZeroShotDataset):
+    """Labelled image files under one ``root`` folder: what the folder sources (class folders, split files,
+    the ImageNet-R folder) share once they have listed their ``(relative path, label)`` items."""
+
+    root: Path
+    on_bad_image: str
+    n: int | None
+    seed: int
+
+    def _set_classes(
+        self, own: list[str], classnames: Any, own_spec: str, templates: Any, where: str
+    ) -> None:
+        """Class names (``classnames == own_spec``: the source's own, ``own``; else a list of as many) and
+        templates (a set name or a list: these sources have no templates file)."""
+        spec = to_plain(classnames)
+        self.classnames = list(own) if spec == own_spec else [str(c) for c in spec]
+        if len(self.classnames) != len(own):
+            raise DatasetFormatError(
+                f"{len(self.classnames)} class names for the {len(own)} classes of {where}"
+            )
+        self.templates = resolve_templates(to_plain(templates)) or []
+        if not self.templates:
+            raise ValueError(f"{where} has no templates file: give a template set name or a list")
+
+    def _index_files(self, files: list[str], labels: list[int]) -> None:
+        """Keep the listed items (a seeded subset of ``n``; undecodable ones dropped under ``skip``)."""
+        check = (lambda i: self._decodes(files[i])) if self.on_bad_image == "skip" else None
+        order, self.skipped_indices = _select(len(files), self.n, self.seed, check)
+        if len(order) == 0:
+            raise DataUnavailableError(f"{self.name}: no decodable image under {str(self.root)!r}")
+        self._files = [files[i] for i in order]
+        self._labels = [labels[i] for i in order]
+        self._sizes = [(self.root / f).stat().st_size for f in self._files]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_indices)
+
+    def _decodes(self, rel: str) -> bool:
+        try:
+            decode_image(self.root / rel)
+            return True
+        except Exception as e:
+            log.warning("skipping undecodable image %s: %s", self.root / rel, e)
+            return False
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path = self.root / self._files[index]
+        try:
+            img = decode_image(path)
+        except Exception as e:
+            raise DatasetFormatError(
+                f"image {path} cannot be decoded ({e}); set on_bad_image=skip to drop such images"
+            ) from e
+        return img, self._labels[index]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self._labels, dtype=np.int64)
+
+    def listing_fingerprint(self) -> str:
+        """The kept files, their labels and sizes, hashed."""
+        return fingerprint_of(self._files, self._labels, self._sizes)

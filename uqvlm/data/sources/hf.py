@@ -11,6 +11,7 @@ Hub datasets are served from the local caches, and a dataset that is not on this
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -41,9 +42,47 @@ from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 log = logging.getLogger(__name__)
 
+NSHARDS_FILE = "nshards.txt"
+# webdataset's sample key column; CLIP_benchmark's keys are the source dataset's item index, "s%07d".
+WDS_KEY = "__key__"
+
 
 def _is_hub_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not os.path.exists(source)
+
+
+def _numbered_shards(split: str, nshards_file: str | os.PathLike) -> list[str]:
+    text = Path(nshards_file).read_text().strip()
+    if not text.isdigit():
+        raise DatasetFormatError(f"{nshards_file}: expected a shard count, got {text[:40]!r}")
+    return [f"{split}/{i}.tar" for i in range(int(text))]
+
+
+def wds_split_files(folder: Path, split: str) -> list[str] | None:
+    """The shards of a CLIP_benchmark webdataset split (``<split>/0.tar`` ... ``<split>/<n-1>.tar`` with
+    ``<split>/nshards.txt``, as clip_benchmark/webdataset_builder.py writes them), relative to ``folder``
+    and in shard order; without nshards.txt the tars present, by number. None when there are no tars."""
+    split_dir = folder / split
+    if (split_dir / NSHARDS_FILE).is_file():
+        shards = _numbered_shards(split, split_dir / NSHARDS_FILE)
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise DataUnavailableError(
+                f"{folder}: {len(missing)} of the {len(shards)} shards {split}/{NSHARDS_FILE} lists are missing "
+                f"(first: {missing[0]}); complete the download"
+            )
+        return shards
+    if not split_dir.is_dir():
+        return None
+    tars = sorted(
+        split_dir.glob("*.tar"),
+        key=lambda p: (not p.stem.isdigit(), int(p.stem or 0) if p.stem.isdigit() else 0, p.name),
+    )
+    return [f"{split}/{p.name}" for p in tars] or None
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- Hugging Face loading
@@ -92,8 +131,13 @@ class _HFSource:
                         )
                     ds = ds[self.split]
                 return ds
+            # A webdataset repo: read this split's shards only (a local copy may hold the test split alone).
+            shards = wds_split_files(path, self.split)
+            data_files = {self.split: shards} if shards else None
             with hub.offline_mode():
-                return datasets.load_dataset(str(path), split=self.split, cache_dir=hub.datasets_cache_dir())
+                return datasets.load_dataset(
+                    str(path), split=self.split, data_files=data_files, cache_dir=hub.datasets_cache_dir()
+                )
         except (DataUnavailableError, DatasetFormatError):
             raise
         except ValueError as e:  # datasets reports unknown splits as ValueError
@@ -123,9 +167,18 @@ class _HFSource:
                     # A partial snapshot (e.g. only classnames.txt): datasets' own cache may still have it.
                     log.info("hub snapshot %s of %s is not loadable (%s)", snapshot, repo_id, e)
         try:
+            nshards = hub.fetch_file(
+                repo_id, f"{self.split}/{NSHARDS_FILE}", repo_type="dataset", revision=self.revision
+            )
+            # A CLIP_benchmark webdataset repo: download this split's shards only, not the others'.
+            data_files = {self.split: _numbered_shards(self.split, nshards)} if nshards else None
             with hub.offline_mode(offline):
                 return datasets.load_dataset(
-                    repo_id, split=self.split, revision=self.revision, cache_dir=hub.datasets_cache_dir()
+                    repo_id,
+                    split=self.split,
+                    revision=self.revision,
+                    data_files=data_files,
+                    cache_dir=hub.datasets_cache_dir(),
                 )
         except Exception as e:
             state = "is not available offline" if offline else "could not be loaded"
@@ -175,6 +228,11 @@ class HFZeroShot(ZeroShotDataset):
     repo root or a given path). ``templates``: a set name (see :mod:`uqvlm.data.templates`), a list, or
     ``{from: file}`` for the repo's ``zeroshot_classification_templates.txt``. ``image_key`` defaults to
     the first Image column; ``label_key`` to ``label`` (or ``cls`` for webdataset repos).
+
+    Items of a webdataset repo are ordered by their sample key: CLIP_benchmark wrote each sample under the
+    key ``s%07d`` of its index in the source dataset (clip_benchmark/webdataset_builder.py @ 48de38c), so
+    this order is the source's own (torchvision ImageFolder: sorted class folders, sorted file names),
+    whatever order the shards are read in. Seeded protocol splits (``subset``) are cut in this order.
     """
 
     def __init__(
@@ -216,6 +274,9 @@ class HFZeroShot(ZeroShotDataset):
                 f"{where}: label column {label_key!r} not found; columns: {', '.join(ds.features)}"
             )
         self.label_key = label_key
+        rows = np.arange(len(ds))
+        if WDS_KEY in ds.features:
+            rows = np.argsort(np.asarray(_column(ds, WDS_KEY), dtype=str), kind="stable")
         # Decode images ourselves: to RGB, and with our own handling of undecodable files.
         ds = ds.select_columns([self.image_key, self.label_key])
         if isinstance(ds.features[self.image_key], datasets.Image):
@@ -233,18 +294,20 @@ class HFZeroShot(ZeroShotDataset):
             tpl = _read_lines(path)
         self.templates = tpl
 
-        labels = np.asarray(_column(ds, self.label_key), dtype=np.int64)
+        labels = np.asarray(_column(ds, self.label_key), dtype=np.int64)[rows]
         bad = (labels < 0) | (labels >= len(self.classnames))
         if bad.any():  # checked over the whole split, before any (slow) image scan
             raise DatasetFormatError(
                 f"{where}: label {int(labels[bad][0])} is outside the {len(self.classnames)} class names "
                 f"(labels range {int(labels.min())}..{int(labels.max())}); check `classnames`"
             )
-        check = self._decodes if on_bad_image == "skip" else None
-        self._indices, self.skipped_indices = _select(len(ds), n, seed, check)
-        if len(self._indices) == 0:
+        check = (lambda i: self._decodes(int(rows[i]))) if on_bad_image == "skip" else None
+        positions, skipped = _select(len(ds), n, seed, check)
+        if len(positions) == 0:
             raise DataUnavailableError(f"{where}: no decodable image")
-        self._labels = labels[self._indices]
+        self.skipped_indices = [int(rows[i]) for i in skipped]
+        self._indices = rows[positions]  # the kept rows of the split, in item order
+        self._labels = labels[positions]
 
     @property
     def skipped(self) -> int:
@@ -303,6 +366,9 @@ class HFZeroShot(ZeroShotDataset):
             ) from e
         return img, int(self._labels[index])
 
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
     def fingerprint(self) -> str:
         # Item-determining only: class names and templates change text features, not items.
         return fingerprint_of(
@@ -316,7 +382,7 @@ class HFZeroShot(ZeroShotDataset):
             self.n,
             self.seed,
             self.on_bad_image,
-            len(self._indices),
+            _rows_digest(self._indices),
         )
 
 

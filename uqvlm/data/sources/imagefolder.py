@@ -2,37 +2,47 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from uqvlm.config_utils import to_plain
-from uqvlm.data.base import ZeroShotDataset, fingerprint_of
+from uqvlm.data.base import fingerprint_of
 from uqvlm.data.sources.common import (
     CLASSNAMES_FILE,
     IMAGE_EXTENSIONS,
+    LabelledFiles,
     _check_on_bad_image,
     _clean_name,
     _read_lines,
-    _select,
-    decode_image,
 )
+from uqvlm.data.sources.imagenet import imagenet_classname
 from uqvlm.data.templates import resolve_templates
 from uqvlm.errors import DatasetFormatError, DataUnavailableError
 
 log = logging.getLogger(__name__)
 
 
-class ImageFolderZeroShot(ZeroShotDataset):
+def read_wnid_csv(path: str | os.PathLike) -> dict[str, str]:
+    """wnid -> name from a ``classes.csv`` with columns ``wnid`` and ``words``: the first of the comma-separated
+    words, as BayesVLM's ``load_class_mapping`` reads it (bayesvlm/data/imagenet_da.py @ 855be8b)."""
+    with open(path, encoding="utf-8") as f:
+        return {row["wnid"]: row["words"].split(",")[0] for row in csv.DictReader(f)}
+
+
+class ImageFolderZeroShot(LabelledFiles):
     """Labelled images in ``root/<class>/**/*.{jpg,png,...}`` (or ``root/<split>/<class>/...``).
 
-    Classes are the sorted sub-folder names; ``classnames`` defaults to (or ``{from: folders}`` asks for)
-    those names with underscores as spaces, or is a list aligned with the sorted folders, a
-    ``{folder: name}`` mapping, ``{from: file, path: ...}`` or a file path (one name per line).
+    Items are in path order (class folders sorted, then files). Classes are the sorted sub-folder names;
+    ``classnames`` defaults to (or ``{from: folders}`` asks for) those names with underscores as spaces
+    (``{from: folders, verbatim: true}``: as the folders spell them), or is a list aligned with the sorted
+    folders, a ``{folder: name}`` mapping, ``{from: file, path: ...}`` or a file path (one name per line),
+    ``{from: imagenet}`` (the folders are ImageNet WordNet ids: OpenAI's names of those classes) or
+    ``{from: csv, path: classes.csv}`` (wnid -> first of its ``words``). ``extensions`` are matched
+    case-insensitively.
     """
 
     def __init__(
@@ -76,33 +86,25 @@ class ImageFolderZeroShot(ZeroShotDataset):
         self.templates = resolve_templates(to_plain(templates)) or []
         if not self.templates:
             raise ValueError("image folders have no templates file: give a template set name or a list")
-
-        check = (lambda i: self._decodes(files[i])) if on_bad_image == "skip" else None
-        order, self.skipped_indices = _select(len(files), n, seed, check)
-        if len(order) == 0:
-            raise DataUnavailableError(f"image folder {str(self.root)!r}: no decodable image")
-        self._files = [files[i] for i in order]
-        self._labels = [labels[i] for i in order]
-        self._sizes = [(self.root / f).stat().st_size for f in self._files]
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skipped_indices)
-
-    def _decodes(self, rel: str) -> bool:
-        try:
-            decode_image(self.root / rel)
-            return True
-        except Exception as e:
-            log.warning("skipping undecodable image %s: %s", self.root / rel, e)
-            return False
+        self._index_files(files, labels)
 
     def _classnames(self, spec: Any) -> list[str]:
         source = spec.get("from") if isinstance(spec, Mapping) else spec
         if spec is None or source == "folders":
-            return [_clean_name(f) for f in self.folders]
+            verbatim = isinstance(spec, Mapping) and bool(spec.get("verbatim", False))
+            return list(self.folders) if verbatim else [_clean_name(f) for f in self.folders]
+        if source == "imagenet":
+            return [self._imagenet_name(f) for f in self.folders]
         if isinstance(spec, Mapping) and "from" not in spec:
             return [str(spec.get(f, _clean_name(f))) for f in self.folders]
+        if isinstance(spec, Mapping) and source == "csv":
+            path = spec.get("path") or (self.root / "classes.csv")
+            if not os.path.isfile(path):
+                raise DataUnavailableError(f"class-name file {path} not found")
+            mapping = read_wnid_csv(path)
+            if missing := [f for f in self.folders if f not in mapping]:
+                raise DatasetFormatError(f"{path} names no class for the folders {missing[:3]}")
+            return [mapping[f] for f in self.folders]
         if isinstance(spec, Mapping):
             path = spec.get("path") or (self.root / CLASSNAMES_FILE)
             names = _read_lines(path) if os.path.isfile(path) else None
@@ -121,19 +123,16 @@ class ImageFolderZeroShot(ZeroShotDataset):
             )
         return names
 
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path = self.root / self._files[index]
+    def _imagenet_name(self, folder: str) -> str:
         try:
-            img = decode_image(path)
-        except Exception as e:
+            return imagenet_classname(folder)
+        except KeyError:
             raise DatasetFormatError(
-                f"image {path} cannot be decoded ({e}); set on_bad_image=skip to drop such images"
-            ) from e
-        return img, self._labels[index]
+                f"image folder {str(self.root)!r}: class folder {folder!r} is not an ImageNet WordNet id "
+                "(classnames {from: imagenet} needs wnid folders)"
+            ) from None
 
     def fingerprint(self) -> str:
-        listing = fingerprint_of(self._files, self._labels, self._sizes)
-        return fingerprint_of("imagefolder", str(self.root.resolve()), self.split, listing, self.n, self.seed)
+        return fingerprint_of(
+            "imagefolder", str(self.root.resolve()), self.split, self.listing_fingerprint(), self.n, self.seed
+        )
