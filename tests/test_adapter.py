@@ -96,7 +96,7 @@ def test_image_tower_is_split_exactly(case):
 
 
 def test_text_tower_is_split_exactly(case):
-    name, vlm, _, txt_head, _, _ = case
+    name, vlm, _, txt_head, _ = case
     assert vlm.text_head_name == txt_head
     if "SigLIP" in name:  # its tokenizer lives on the HF hub: feed token ids
         ids = torch.randint(
