@@ -39,15 +39,16 @@ def settings_for(tmp_path, tiny_checkpoint, settings_of):
 
 def _whole_data_posteriors(settings, model, dirs, structure: str):
     """The truth: the library API updated with every class batch in order, on the features of the same
-    pairs (the parts' cached features, concatenated), then finalized."""
+    pairs (the parts' cached features, concatenated) on the model's device (where the parts computed
+    theirs), then finalized."""
     pairs = build_pair_dataset(settings.hessian_data.section)
     per_part = N_PAIRS // PARTS
     feats = [
         extract_features(model, dirs, PairRange(pairs, i * per_part, (i + 1) * per_part), "truth")
         for i in range(PARTS)
     ]
-    image = Features.cat([f["image"] for f in feats])
-    text = Features.cat([f["text"] for f in feats])
+    image = Features.cat([f["image"] for f in feats]).to(model.device)
+    text = Features.cat([f["text"] for f in feats]).to(model.device)
     likelihood = likelihood_for(model.vlm)
     posts = {
         "image": Laplace(model.vlm.image_head, structure, likelihood=likelihood),
@@ -57,7 +58,7 @@ def _whole_data_posteriors(settings, model, dirs, structure: str):
         rows = slice(start, start + CLASS_BATCH)
         posts["image"].update(image.activations[rows], image.embeddings[rows], text.embeddings[rows])
         posts["text"].update(text.activations[rows], text.embeddings[rows], image.embeddings[rows])
-    return {tower: post.finalize() for tower, post in posts.items()}
+    return {tower: post.finalize().to("cpu") for tower, post in posts.items()}
 
 
 def _assert_same_posteriors(merged, truth, structure: str) -> None:

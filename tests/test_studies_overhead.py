@@ -29,9 +29,9 @@ def test_predictive_matmul_flops_equal_the_hand_count(bias):
     pa, qa = p + bias, q + bias  # the bias is one more input column of A
     # MAP: one [N, D] x [D, K] product (the normalisation is elementwise).
     assert costs["map"].matmul_flops == 2 * n * d * k
-    # BayesVLM: the mean cosine, the rank-2 variance [N, 2] x [2, K], the activations projected on A's
-    # eigenbasis [N, p'] x [p', p'] (+ a one-row probe that returns diag B~^-1), the same for the K prompts.
-    hand = 2 * n * d * k + 2 * n * 2 * k + 2 * (n + 1) * pa * pa + 2 * (k + 1) * qa * qa
+    # BayesVLM: the mean cosine, the activations projected on A's eigenbasis [N, p'] x [p', p'] (+ a
+    # one-row probe that returns diag B~^-1), the same for the K prompts; the rank-2 variance is elementwise.
+    hand = 2 * n * d * k + 2 * (n + 1) * pa * pa + 2 * (k + 1) * qa * qa
     assert costs["bayesvlm"].matmul_flops == hand
 
 
@@ -43,11 +43,11 @@ def test_per_image_overhead_equals_the_hand_count_per_image(bias):
         for n in (5, 8)
     )
     pa = p + bias
-    # Per extra image BayesVLM adds its row of the rank-2 variance (2 * 2 * K) and a^T A~^-1 a through
-    # A's eigenbasis (2 * p'^2); the prompts' variances are paid once. MAP's per image: its encoder and
-    # one row of the cosine logits (2 * D * K).
+    # Per extra image BayesVLM adds a^T A~^-1 a through A's eigenbasis (2 * p'^2) in matmuls (its row of
+    # the rank-2 variance is elementwise); the prompts' variances are paid once. MAP's per image: its
+    # encoder and one row of the cosine logits (2 * D * K).
     assert per_image_overhead(encoder, small, large) == pytest.approx(
-        (2 * 2 * k + 2 * pa * pa) / (encoder + 2 * d * k), rel=1e-12
+        (2 * pa * pa) / (encoder + 2 * d * k), rel=1e-12
     )
     with pytest.raises(ValueError, match="more images"):
         per_image_overhead(encoder, large, small)

@@ -59,13 +59,14 @@ __all__ = [
 # Passes over an [N, K] array per predictive, in the unit of count_elementwise (one per element per aten
 # op, so the count follows the code as dispatched):
 # MAP (cosine_logits + log_softmax): scale, + bias, log_softmax = 3.
-# BayesVLM KFAC + probit (methods.BayesVLM.logit_moments, probcosine.probit_log_probs):
-#   logit_moments: mean * s, + bias, var * s^2 = 3;
-#   the input checks of probit_log_probs: torch.isfinite(x).all() on the mean and on the variance
-#   (isfinite dispatches as abs, ne inf, x == x, mul: 4 ops, + all = 5 each) and (var < 0).any() = 2,
-#   12 in all; probit: * pi/8, + 1, rsqrt, * mean = 4; log_softmax = 1. Total 20.
-#   (The mean and the rank-2 variance themselves are matmuls, counted by FlopCounterMode.)
-NK_PASSES = {"map": 3, "bayesvlm": 20}
+# BayesVLM KFAC + probit (methods.BayesVLM.log_probs -> probcosine.probit_log_probs_rank1, fused): the
+#   mean logits are a matmul (FlopCounterMode's) written into the output; then per row chunk 1 + the
+#   rank-2 variance (addcmul, addcmul_) = 2, rsqrt = 1, * mean = 1, log_softmax = 1: 5 passes, + 1 with a
+#   logit bias; the inputs are checked once, on O(N D + K D) tensors. The counter also counts the two
+#   allocations, the output and the chunk buffer (no pass over memory; the buffer is N x K only while
+#   N is below a chunk): 7 without a logit bias, as the tests measure. (Before the fused predictive of
+#   issue 13: 20, with 12 passes of input checks on the [N, K] moments and the variance as a matmul.)
+NK_PASSES = {"map": 3, "bayesvlm": 7}
 
 
 # ----------------------------------------------------------------------------------------- counting
@@ -194,9 +195,9 @@ def predictive_costs(
     """Counted cost of MAP and of BayesVLM (KFAC, probit) for N images x K classes with embedding dim D
     and last-layer input dims ``image_in`` / ``text_in`` (p, q; + 1 each with a bias).
 
-    BayesVLM's matmuls: the mean cosine 2*N*D*K, the rank-2 variance 2*N*2*K, a^T A~^-1 a via the
-    eigenbasis projection 2*N*p'^2 (+ 2*p'^2 for the one-row probe that returns diag B~^-1) and the same
-    for the K class prompts. MAP: 2*N*D*K.
+    BayesVLM's matmuls: the mean cosine 2*N*D*K, a^T A~^-1 a via the eigenbasis projection 2*N*p'^2
+    (+ 2*p'^2 for the one-row probe that returns diag B~^-1) and the same for the K class prompts (the
+    rank-2 variance is elementwise, fused into the probit pass). MAP: 2*N*D*K.
     """
     inputs = synthetic_kfac_inputs(
         n_images,
