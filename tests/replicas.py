@@ -115,6 +115,23 @@ def _lines(items: Sequence[str]) -> bytes:
     return ("\n".join(items) + "\n").encode()
 
 
+def write_img2dataset_shards(root: Path, pairs: int, per_shard: int = 4) -> Path:
+    """img2dataset's webdataset output (what ``hessian_data=laion400m`` reads): ``{00000..}.tar`` shards of
+    ``<9-digit key>.jpg`` + ``.txt`` (+ ``.json``) members, uncompressed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, pairs, per_shard)):
+        members = []
+        for i in range(start, min(pairs, start + per_shard)):
+            key = f"{i:09d}"
+            members += [
+                (f"{key}.jpg", image_bytes(i)),
+                (f"{key}.txt", f"a photo of item {i}".encode()),
+                (f"{key}.json", b"{}"),
+            ]
+        (root / f"{shard:05d}.tar").write_bytes(_tar(members))
+    return root
+
+
 def wds_repo_files(
     classnames: Sequence[str],
     labels: Sequence[int],

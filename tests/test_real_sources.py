@@ -29,6 +29,7 @@ from replicas import (
     wds_repo_files,
     write_hub_repo,
     write_imagenet_r_folder,
+    write_img2dataset_shards,
     write_zhou,
 )
 
@@ -664,6 +665,9 @@ def test_published_active_learning_protocols_run_end_to_end_on_replicas(
         f"task.data.root={root}",
         "model=clip-b32",
         f"model.pretrained={vit_b32_checkpoint}",
+        # A real model's own Hessian data (its default is the published factors): LAION-layout local shards.
+        "hessian_data=laion400m",
+        f"hessian_data.root={write_img2dataset_shards(tmp_path / 'laion', pairs=8)}",
         "hessian_data.n=8",
         "hessian_data.class_batch=4",
         "task.strategies=[random]",
