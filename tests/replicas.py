@@ -1,6 +1,6 @@
 """Replicas of the real data sources: their exact layouts, filled with a few tiny generated images.
 
-Each builder writes the layout of one real source (cited in its docstring, from /work/notes/facts.md), so the
+Each builder writes the layout of one real source (cited in its docstring, from docs/real-sources.md), so the
 configs users run find the replicas where they would find the real data:
 
 - :func:`write_hub_repo`: a Hugging Face hub cache entry as huggingface_hub writes it (``blobs/<etag>``,

@@ -1,7 +1,7 @@
 """The real sources, offline: the published protocols' splits, prompts and class identities, checked against
 independent truths (NumPy's and Python's own seeded draws, the datasets library's split, the published code
 re-run on replica trees), and every real dataset config run end to end on a replica of its source
-(tests/replicas.py). Facts cited as "facts X" are from /work/notes/facts.md."""
+(tests/replicas.py). Facts cited as "facts X" are from docs/real-sources.md."""
 
 from __future__ import annotations
 
