@@ -1,6 +1,6 @@
 """Replicas of the real data sources: their exact layouts, filled with a few tiny generated images.
 
-Each builder writes the layout of one real source (cited in its docstring, from /work/notes/facts.md), so the
+Each builder writes the layout of one real source (cited in its docstring, from docs/real-sources.md), so the
 configs users run find the replicas where they would find the real data:
 
 - :func:`write_hub_repo`: a Hugging Face hub cache entry as huggingface_hub writes it (``blobs/<etag>``,
@@ -113,6 +113,23 @@ def _tar(members: Sequence[tuple[str, bytes]]) -> bytes:
 def _lines(items: Sequence[str]) -> bytes:
     # CLIP_benchmark writes them with print(*items, sep="\n", end="\n").
     return ("\n".join(items) + "\n").encode()
+
+
+def write_img2dataset_shards(root: Path, pairs: int, per_shard: int = 4) -> Path:
+    """img2dataset's webdataset output (what ``hessian_data=laion400m`` reads): ``{00000..}.tar`` shards of
+    ``<9-digit key>.jpg`` + ``.txt`` (+ ``.json``) members, uncompressed."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, pairs, per_shard)):
+        members = []
+        for i in range(start, min(pairs, start + per_shard)):
+            key = f"{i:09d}"
+            members += [
+                (f"{key}.jpg", image_bytes(i)),
+                (f"{key}.txt", f"a photo of item {i}".encode()),
+                (f"{key}.json", b"{}"),
+            ]
+        (root / f"{shard:05d}.tar").write_bytes(_tar(members))
+    return root
 
 
 def wds_repo_files(

@@ -1,7 +1,7 @@
 """The real sources, offline: the published protocols' splits, prompts and class identities, checked against
 independent truths (NumPy's and Python's own seeded draws, the datasets library's split, the published code
 re-run on replica trees), and every real dataset config run end to end on a replica of its source
-(tests/replicas.py). Facts cited as "facts X" are from /work/notes/facts.md."""
+(tests/replicas.py). Facts cited as "facts X" are from docs/real-sources.md."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from replicas import (
     wds_repo_files,
     write_hub_repo,
     write_imagenet_r_folder,
+    write_img2dataset_shards,
     write_zhou,
 )
 
@@ -664,6 +665,9 @@ def test_published_active_learning_protocols_run_end_to_end_on_replicas(
         f"task.data.root={root}",
         "model=clip-b32",
         f"model.pretrained={vit_b32_checkpoint}",
+        # A real model's own Hessian data (its default is the published factors): LAION-layout local shards.
+        "hessian_data=laion400m",
+        f"hessian_data.root={write_img2dataset_shards(tmp_path / 'laion', pairs=8)}",
         "hessian_data.n=8",
         "hessian_data.class_batch=4",
         "task.strategies=[random]",

@@ -9,7 +9,7 @@ tasks a folder of verified files: a local ``hessian_data.dir``, or the uqvlm cac
 its size and SHA-256. A download is written to a temporary file and renamed into place only once verified,
 so a corrupted or truncated file never lands in the cache.
 
-Provenance of the table (``/work/notes/facts.md`` section A1, read from a git mirror of the repository at
+Provenance of the table (``docs/real-sources.md`` section A1, read from a git mirror of the repository at
 the pinned commit with ``git ls-tree -r -l`` and ``git cat-file``): blob SHA-1s of all 20 files; sizes and
 SHA-256 of the 14 blobs the mirror held. The other 6 (``UNVERIFIED`` below: the mirror lacked their
 blobs) are checked by blob SHA-1 alone, which pins their exact bytes just as well. The ViT-B/32 set was
@@ -73,7 +73,7 @@ _B32, _L14, _H14, _SIGLIP = (
     "siglip-base-patch16-256",
 )
 _A_IMG, _B_IMG, _A_TXT, _B_TXT, _PRIOR = FILES
-# checkpoint -> file -> digests (facts.md A1).
+# checkpoint -> file -> digests (docs/real-sources.md A1).
 PUBLISHED_SETS: dict[str, dict[str, FactorFile]] = {
     _B32: {
         _A_IMG: FactorFile(
