@@ -11,14 +11,16 @@ import pandas as pd
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
 from uqvlm.data.registry import build_zeroshot_dataset
+from uqvlm.data.sections import PublishedFactorsSettings
 from uqvlm.errors import DatasetFormatError, DataUnavailableError, UqvlmError
 from uqvlm.extraction import encode_prompts
-from uqvlm.methods import BayesVLM, Method, ZeroShotContext
+from uqvlm.methods import AdapterFit, BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likelihood
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
+from uqvlm.tasks.probvlm import CachedPairAdapters
 
 
 def output_location(settings: RunSettings) -> tuple[Path, str]:
@@ -32,10 +34,15 @@ def finished_record(settings: RunSettings) -> Path | None:
 
 
 def selected_methods(settings: RunSettings) -> dict[str, Method]:
-    """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out."""
+    """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out, and
+    minus rows trained on image-caption pairs (ProbVLM) when the Hessian data are published factors."""
     structures = set(settings.task.fitted_structures(settings.posterior))
-    methods = settings.task.methods
-    return {name: m for name, m in methods.items() if m.structure is None or m.structure in structures}
+    no_pairs = isinstance(settings.hessian_data, PublishedFactorsSettings)
+    return {
+        name: m
+        for name, m in settings.task.methods.items()
+        if (m.structure is None or m.structure in structures) and not (m.needs_pairs and no_pairs)
+    }
 
 
 def _features(dataset_name: str, model: LoadedModel, dirs: RunDirs, dataset, what: str):
@@ -141,6 +148,13 @@ def run(settings: RunSettings) -> TaskResult:
         provenance["posteriors"][structure] = ident
         return posts
 
+    adapter_sources: dict[AdapterFit, CachedPairAdapters] = {}
+
+    def probvlm_adapters(fit: AdapterFit) -> CachedPairAdapters:
+        if fit not in adapter_sources:
+            adapter_sources[fit] = CachedPairAdapters(settings.hessian_data, model, dirs, fit)
+        return adapter_sources[fit]
+
     ctx = ZeroShotContext(
         logit_scale=vlm.logit_scale,
         logit_bias=vlm.logit_bias,
@@ -151,6 +165,7 @@ def run(settings: RunSettings) -> TaskResult:
         validation_provider=validation,
         views_provider=views,
         posterior_provider=posteriors,
+        probvlm_provider=probvlm_adapters,
     )
     ece_bins = task.ece_bins
     rows, log_probs, label_uses = [], {}, {}
