@@ -228,6 +228,15 @@ class AdapterFit:
     holdout: float = 0.2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "epochs", "batch_size"):
+            check_positive_int(name, getattr(self, name))
+        check_positive("lr", self.lr)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
+
 
 class PairAdapters(Protocol):
     """ProbVLM adapters of one :class:`AdapterFit` on the run's image-caption pairs (the task caches them)."""
@@ -267,14 +276,14 @@ class ProbVLM(Method):
         select: ProbVLMSelection = "pairs",
         retrieval_batch: int = 256,
         center: Literal["frozen", "adapter"] = "frozen",
-        hidden: int = 64,
-        layers: int = 3,
-        dropout: float = 0.1,
-        lr: float = 2e-3,
-        epochs: int = 20,
-        batch_size: int = 256,
-        holdout: float = 0.2,
-        seed: int = 0,
+        hidden: int = AdapterFit.hidden,
+        layers: int = AdapterFit.layers,
+        dropout: float = AdapterFit.dropout,
+        lr: float = AdapterFit.lr,
+        epochs: int = AdapterFit.epochs,
+        batch_size: int = AdapterFit.batch_size,
+        holdout: float = AdapterFit.holdout,
+        seed: int = AdapterFit.seed,
     ):
         self.predictive = check_choice("predictive", predictive, PREDICTIVES)
         self.samples = check_positive_int("samples", samples)
@@ -285,17 +294,13 @@ class ProbVLM(Method):
         self.select = check_choice("select", select, PROBVLM_SELECTIONS)
         self.retrieval_batch = check_positive_int("retrieval_batch", retrieval_batch)
         self.center = check_choice("center", center, ("frozen", "adapter"))
-        if not 0.0 < holdout < 1.0:
-            raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.fit_settings = AdapterFit(
-            hidden=check_positive_int("hidden", hidden),
-            layers=check_positive_int("layers", layers),
+            hidden=hidden,
+            layers=layers,
             dropout=float(dropout),
-            lr=check_positive("lr", lr),
-            epochs=check_positive_int("epochs", epochs),
-            batch_size=check_positive_int("batch_size", batch_size),
+            lr=float(lr),
+            epochs=epochs,
+            batch_size=batch_size,
             holdout=float(holdout),
             seed=int(seed),
         )
