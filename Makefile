@@ -32,14 +32,24 @@ format: install
 	$(VENV)/bin/ruff format uqvlm tests scripts
 	$(VENV)/bin/ruff check --fix uqvlm tests scripts
 
-# The paper's tables: needs the models' weights and the datasets (a Hugging Face cache or internet).
+# The paper's tables: needs the models' weights and the datasets (a Hugging Face cache or internet), the
+# LAION-400M shards and a local OfficeHome copy:
+#   make reproduce LAION=/data/laion400m OFFICEHOME=/data/OfficeHomeDataset_10072016
+LAION ?=
+OFFICEHOME ?=
+PAIRS := $(if $(LAION),hessian_data.root=$(LAION))
 reproduce: install
-	$(VENV)/bin/uqvlm run experiment=paper_zeroshot
+	$(VENV)/bin/uqvlm run experiment=paper_zeroshot $(PAIRS)
+	$(VENV)/bin/uqvlm run -m experiment=paper_active_learning task/data=officehome \
+		$(if $(OFFICEHOME),task.data.root=$(OFFICEHOME)) $(PAIRS)
+	$(VENV)/bin/uqvlm run -m experiment=paper_active_learning task/data=imagenet-r-sketch $(PAIRS)
 	$(VENV)/bin/uqvlm report
 
-# The same protocol on the offline shapes world: the tiny model on every domain.
+# The same protocols on the offline shapes world: the tiny model zero-shot on every domain, and active
+# learning with target sketch (its fine-tuning settings: scripts/finetune_search.py, committed output).
 reproduce-offline: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/uqvlm run experiment=offline_zeroshot
+	HF_HUB_OFFLINE=1 $(VENV)/bin/uqvlm run experiment=offline_active_learning
 	$(VENV)/bin/uqvlm report
 
 tables: install
