@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from uqvlm.console import progress
+from uqvlm.devices import intra_op_threads
 from uqvlm.probcosine import probcosine_logits, probit_log_probs
 from uqvlm.validation import check_tensor
 
@@ -427,21 +428,10 @@ def _derived_generator(generator: torch.Generator | None, device: torch.device) 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for CPU training: every op of an adapter step is small, and with several
-    threads each waits on a barrier, which on a busy CPU costs scheduler quanta (measured on a shared
-    2-core machine: 40 s instead of 2 s for 6,000 pairs at D=32, 42 s instead of 5 s for 8,192 at D=512;
-    uqvlm.active.finetune does the same for the same reason)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_cpu_thread(device: torch.device) -> contextlib.AbstractContextManager:
+    """One intra-op thread for CPU training: every op of an adapter step is small (see
+    uqvlm.devices.intra_op_threads; 2 s instead of 40 s for 6,000 pairs at D=32 on a busy 2-core machine)."""
+    return intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext()
 
 
 def fit_probvlm(

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from uqvlm.devices import intra_op_threads
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import cosine_logits
 from uqvlm.validation import check_finite, check_positive_int
@@ -87,16 +88,11 @@ def _subset(image: Features, rows: Tensor) -> Features:
 
 
 def _single_threaded(fn: Callable[..., T]) -> Callable[..., T]:
-    # Every op of a last-layer fine-tune is tiny: with several intra-op threads each waits on a thread
-    # barrier, which on a busy CPU costs scheduler quanta (measured: 20 s instead of 0.3 s for one run).
+    # Every op of a last-layer fine-tune is tiny (see uqvlm.devices.intra_op_threads).
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> T:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with intra_op_threads(1):
             return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
     return run
 

@@ -7,6 +7,7 @@ strategies ran before. A selection for budget B is the prefix of the one for any
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from uqvlm.active.acquisition import (
     joint_sample_probs,
     sampled_embeddings,
 )
+from uqvlm.devices import intra_op_threads
 from uqvlm.features import Features
 from uqvlm.laplace.base import LastLayerPosterior
 from uqvlm.methods import cosine_logits
@@ -49,6 +51,8 @@ STRATEGIES = ("random", "random-targeted", "entropy", "entropy-targeted", "bald"
 TARGETED_STRATEGIES = ("random-targeted", "entropy-targeted", "bald", "epig")
 # EPIG's candidate sets (``epig_candidates``): the pool points nearest the targets, or the whole pool.
 EPIG_CANDIDATES = ("targeted", "pool")
+# Target-side probabilities ([M, S, K] entries) below which a selection runs on one CPU thread.
+SMALL_PROBLEM = 1 << 22
 
 
 def make_generator(seed: int, *parts: str, device: torch.device | str = "cpu") -> torch.Generator:
@@ -367,7 +371,17 @@ def _ranked(scores: Tensor) -> Tensor:
 def select(
     problem: ActiveProblem, strategy: str, budget: int, seed: int, cfg: AcquisitionConfig
 ) -> Selection:
-    """The first ``budget`` pool points chosen by ``strategy`` for ``seed``."""
+    """The first ``budget`` pool points chosen by ``strategy`` for ``seed``. A small problem (the
+    targets' joint probabilities [M, S, K] under ``SMALL_PROBLEM`` entries) runs on one CPU thread: its
+    ops are too small for several (uqvlm.devices.intra_op_threads)."""
+    small = len(problem.target) * cfg.samples * len(problem.text.embeddings) < SMALL_PROBLEM
+    with intra_op_threads(1) if small else contextlib.nullcontext():
+        return _select(problem, strategy, budget, seed, cfg)
+
+
+def _select(
+    problem: ActiveProblem, strategy: str, budget: int, seed: int, cfg: AcquisitionConfig
+) -> Selection:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
     if not 0 < budget <= len(problem.pool):
