@@ -50,6 +50,11 @@ def choose(table: pd.DataFrame, tol: float) -> tuple[float, int]:
     return lr, epochs
 
 
+def _markdown(frame: pd.DataFrame) -> str:
+    # Formatted here: tabulate would read the learning rates (the index) as numbers and print 1e-05 as 0.0000.
+    return frame.map(lambda v: f"{v:.4f}").to_markdown(disable_numparse=True)
+
+
 def markdown(table: pd.DataFrame, lr: float, epochs: int, args, settings, pool: int, val: int) -> str:
     ft = settings.task.finetune
     named = table.assign(lr=table.lr.map(lambda v: f"{v:g}"))  # 1e-05, not 0.0000
@@ -75,11 +80,11 @@ def markdown(table: pd.DataFrame, lr: float, epochs: int, args, settings, pool: 
             "",
             "Mean validation NLL over budgets and seeds (rows: lr, columns: epochs):",
             "",
-            grid.to_markdown(floatfmt=".4f"),
+            _markdown(grid),
             "",
             f"At {epochs} epochs, per budget (rows: lr, columns: budget):",
             "",
-            per_budget.to_markdown(floatfmt=".4f"),
+            _markdown(per_budget),
             "",
         ]
     )
