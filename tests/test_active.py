@@ -746,3 +746,13 @@ def test_offline_finetune_settings_improve_the_validation_nll(
             result = study.finetune(picks[:budget], settings.task.finetune, seed, "random")
             assert result.best_epoch >= 1, (seed, budget)
             assert result.best_val_loss < result.val_losses[0] - 0.01, (seed, budget, result.val_losses[0])
+
+
+def test_offline_finetune_config_is_the_committed_search_choice(settings_of):
+    """configs/task/finetune/shapes.yaml holds what scripts/finetune_search.py chose (its committed output)."""
+    import re
+
+    search = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch+pool"
+    chosen = re.search(r"Chosen: lr ([0-9.e+-]+), (\d+) epochs", (search / "finetune_search.md").read_text())
+    ft = settings_of("experiment=offline_active_learning").task.finetune
+    assert (ft.lr, ft.epochs) == (float(chosen[1]), int(chosen[2]))
