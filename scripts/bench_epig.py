@@ -70,9 +70,15 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed(prob: ActiveProblem, budget: int, cfg: AcquisitionConfig, candidates: torch.Tensor | None = None):
+def timed(
+    prob: ActiveProblem,
+    budget: int,
+    cfg: AcquisitionConfig,
+    candidates: torch.Tensor | None = None,
+    trace: list | None = None,
+):
     start, cpu = time.perf_counter(), time.process_time()
-    sel = greedy_epig(prob, budget, seed=0, cfg=cfg, candidates=candidates)
+    sel = greedy_epig(prob, budget, seed=0, cfg=cfg, candidates=candidates, trace=trace)
     return sel, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -113,7 +119,9 @@ def main() -> None:
     start = time.perf_counter()
     cand = epig_candidates(prob, cfg)
     knn_s = time.perf_counter() - start
-    sel, wall, cpu = timed(prob, picks, cfg, cand)
+    trace: list[dict[str, torch.Tensor]] = []
+    sel, wall, cpu = timed(prob, picks, cfg, cand, trace)
+    scored = [int((~torch.isnan(step["scores"])).sum()) for step in trace]
     if cuda:
         torch.cuda.synchronize()
     sizes = (
@@ -124,6 +132,7 @@ def main() -> None:
     print(f"greedy EPIG, {sizes}")
     print(f"  candidate restriction: {knn_s:.1f} s (once per selection)")
     print(f"  {picks} picks: {wall:.1f} s wall, {cpu:.1f} s CPU ({wall / picks:.1f} s a pick)")
+    print(f"  candidates scored per pick (the rest skipped by their bounds): {scored}")
     if picks < args.budget:
         print(f"  extrapolated to a budget of {args.budget}: {knn_s + wall / picks * args.budget:.0f} s")
     memory = f"  peak resident memory {peak_gib():.2f} GiB (the problem itself: {base:.2f} GiB)"

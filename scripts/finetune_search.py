@@ -14,13 +14,15 @@ favours no strategy, and the target's test split is never read.
 
 Choice: the learning rate with the lowest mean validation NLL (over budgets and seeds) at the largest epoch
 count; then the fewest epochs whose mean is within --tol nats of it. Writes
-<results>/active_learning/<data>-<target>/finetune_search.{csv,md} (the study's summary points to it).
+<results>/active_learning/<data>-<target>/finetune_search.{csv,md,json} (the study's summary says whether
+its settings are this choice).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 
 import pandas as pd
@@ -137,6 +139,17 @@ def main() -> None:
     text = markdown(table, lr, epochs, args, settings, len(study.data.pool), len(study.data.val_labels))
     with atomic_write(out / f"{SEARCH_STEM}.md", "w") as f:
         f.write(text)
+    choice = {
+        "lr": lr,
+        "epochs": epochs,
+        "rule": f"lowest mean validation NLL at {longest} epochs, then the fewest epochs within {args.tol:g}",
+        "lrs": args.lrs,
+        "epochs_grid": args.epochs,
+        "budgets": list(budgets),
+        "seeds": args.seeds,
+    }
+    with atomic_write(out / f"{SEARCH_STEM}.json", "w") as f:
+        json.dump(choice, f, indent=2)
     print(text)
     print(f"chosen: task.finetune.lr={lr:g} task.finetune.epochs={epochs}  ({out / SEARCH_STEM}.md)")
 

@@ -575,6 +575,16 @@ def test_learning_curve_table_has_intervals_and_says_who_beats_random():
     ]
 
 
+def test_summary_says_whether_the_settings_are_the_searchs_choice():
+    from uqvlm.tasks.active_learning import search_note
+
+    cfg = FinetuneConfig(lr=1e-3, epochs=20)
+    assert search_note(cfg, None) == "."
+    assert "chosen on the target's validation split" in search_note(cfg, {"lr": 1e-3, "epochs": 20})
+    other = search_note(FinetuneConfig(), {"lr": 1e-3, "epochs": 20})
+    assert other.startswith("; not the choice") and "lr 0.001, 20 epochs" in other
+
+
 # ----------------------------------------------------------------------------------------------------- domains
 
 
@@ -749,10 +759,12 @@ def test_offline_finetune_settings_improve_the_validation_nll(
 
 
 def test_offline_finetune_config_is_the_committed_search_choice(settings_of):
-    """configs/task/finetune/shapes.yaml holds what scripts/finetune_search.py chose (its committed output)."""
-    import re
+    """configs/task/finetune/shapes.yaml holds what scripts/finetune_search.py chose (its committed output),
+    and the study's summary says so."""
+    import json
 
-    search = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch+pool"
-    chosen = re.search(r"Chosen: lr ([0-9.e+-]+), (\d+) epochs", (search / "finetune_search.md").read_text())
+    out = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch+pool"
+    chosen = json.loads((out / "finetune_search.json").read_text())
     ft = settings_of("experiment=offline_active_learning").task.finetune
-    assert (ft.lr, ft.epochs) == (float(chosen[1]), int(chosen[2]))
+    assert (ft.lr, ft.epochs) == (chosen["lr"], chosen["epochs"])
+    assert "chosen on the target's validation split" in (out / "uqvlm-tiny.summary.md").read_text()

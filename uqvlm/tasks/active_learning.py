@@ -186,7 +186,18 @@ def plot_curves(table: pd.DataFrame, path: Path, title: str) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
-def summary_markdown(table: pd.DataFrame, title: str, finetune: FinetuneConfig, search: Path | None) -> str:
+def search_note(finetune: FinetuneConfig, search: dict[str, Any] | None) -> str:
+    """How the fine-tuning settings relate to the fine-tuning search next to the table (if any)."""
+    if search is None:
+        return "."
+    if (search["lr"], search["epochs"]) == (finetune.lr, finetune.epochs):
+        return f"; chosen on the target's validation split, see `{SEARCH_STEM}.md`."
+    return f"; not the choice of `{SEARCH_STEM}.md` (lr {search['lr']:g}, {search['epochs']} epochs)."
+
+
+def summary_markdown(
+    table: pd.DataFrame, title: str, finetune: FinetuneConfig, search: dict[str, Any] | None
+) -> str:
     """The learning curves in plain words: which strategies beat random beyond the intervals, where."""
     seeds = sorted(set(table.loc[table.strategy != ZERO_SHOT, "seeds"]))
     zs = table[table.strategy == ZERO_SHOT]
@@ -200,7 +211,7 @@ def summary_markdown(table: pd.DataFrame, title: str, finetune: FinetuneConfig, 
         f"Fine-tuning (`task.finetune`): AdamW lr {finetune.lr:g}, weight decay {finetune.weight_decay:g}, "
         f"{finetune.epochs} epochs, batch {finetune.batch_size}, the epoch with the lowest validation loss "
         f"kept among {'0' if finetune.include_pretrained else '1'}..{finetune.epochs}"
-        + (f"; chosen on the target's validation split, see `{search.name}`." if search else "."),
+        + search_note(finetune, search),
         "",
     ]
     if len(zs):
@@ -358,8 +369,8 @@ def run(settings: RunSettings) -> TaskResult:
 
     table = aggregate(read_rows(rows_dir))
     title = f"active learning {dataset_slug(task.data)} / {settings.model.name}"
-    search = out_dir / SEARCH_STEM
-    search = search.with_suffix(".md") if search.with_suffix(".md").exists() else None
+    search_path = out_dir / f"{SEARCH_STEM}.json"
+    search = json.loads(search_path.read_text()) if search_path.exists() else None
     provenance = {
         "job_rows": str(rows_dir),
         "posterior": post_ident,
@@ -368,7 +379,7 @@ def run(settings: RunSettings) -> TaskResult:
             "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; <metric>_mean over seeds, "
             f"<metric>_lo/_hi: {LEVEL:.0%} Student-t interval for the mean"
         ),
-        "finetune_search": None if search is None else search.name,
+        "finetune_search": search,
     }
     paths = write_results(table, out_dir, stem, title=title, config=settings.config, provenance=provenance)
     plot_curves(table, out_dir / f"{stem}.png", title)
