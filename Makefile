@@ -39,11 +39,11 @@ LAION ?= /data/laion400m
 OFFICEHOME ?= /data/OfficeHomeDataset_10072016
 CC12M_ARGS ?=
 UQVLM := $(VENV)/bin/uqvlm
-PAPER_AL := model=clip-b32 hessian_data=laion400m hessian_data.root=$(LAION)
 reproduce: install
 	$(UQVLM) run experiment=paper_zeroshot hessian_data.root=$(LAION)
-	$(UQVLM) run task=active_learning task/data=officehome task.data.root=$(OFFICEHOME) $(PAPER_AL)
-	$(UQVLM) run task=active_learning task/data=imagenet-r-sketch $(PAPER_AL)
+	$(UQVLM) run -m experiment=paper_active_learning task/data=officehome task.data.root=$(OFFICEHOME) \
+		hessian_data.root=$(LAION)
+	$(UQVLM) run -m experiment=paper_active_learning task/data=imagenet-r-sketch hessian_data.root=$(LAION)
 	$(UQVLM) run experiment=overhead
 	$(UQVLM) run experiment=corruption hessian_data.root=$(LAION)
 	$(UQVLM) run experiment=probcosine hessian_data.root=$(LAION)
@@ -58,7 +58,7 @@ reproduce: install
 OFFLINE := HF_HUB_OFFLINE=1 $(UQVLM)
 reproduce-offline: install
 	$(OFFLINE) run experiment=offline_zeroshot
-	$(OFFLINE) run task=active_learning
+	$(OFFLINE) run experiment=offline_active_learning
 	$(OFFLINE) run experiment=offline_overhead
 	$(OFFLINE) run experiment=offline_corruption
 	$(OFFLINE) run experiment=offline_probcosine

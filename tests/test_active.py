@@ -78,6 +78,24 @@ def test_epig_matches_enumeration(max_elements):
     assert (epig_upper_bound(pool, target) >= ref - 1e-14).all()
 
 
+def test_targets_built_in_chunks_equal_the_whole_and_match_enumeration():
+    """EpigTargets holds one chunk of target rows in float64 at a time (memory at the published sizes):
+    chunked or whole, the same EPIG columns, and the same EPIG and bound as enumeration says."""
+    gen = torch.Generator().manual_seed(3)
+    pool, target = _dependent_probs(gen, 4, 7, 6, 3, 4, 1.0)
+    whole = EpigTargets(target)
+    ref = brute_epig(pool, target)
+    for chunked in (EpigTargets(target, chunk=3), EpigTargets.from_chunks(target.split([2, 4, 1]), 7)):
+        assert torch.equal(chunked.columns, whole.columns) and torch.equal(chunked.weights, whole.weights)
+        assert chunked.mean_scale == pytest.approx(whole.mean_scale, rel=1e-12)
+        torch.testing.assert_close(epig(pool, chunked), ref, rtol=1e-12, atol=1e-14)
+        bound = epig_upper_bound(pool, chunked)
+        torch.testing.assert_close(bound, epig_upper_bound(pool, whole), rtol=1e-12, atol=0)
+        assert (bound >= ref).all()
+    with pytest.raises(ValueError, match="announced"):
+        EpigTargets.from_chunks(target.split(3), 6)
+
+
 def test_epig_small_dependence_is_accurate_and_zero_without_dependence():
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(6, 1, 5, generator=gen, dtype=F64)
@@ -438,22 +456,133 @@ def test_finetune_with_zero_lr_keeps_the_map_and_seeded_runs_repeat():
         3.0,
         None,
     )
+    # The published selection keeps an epoch 1..E: with lr 0 every epoch ties, and the earliest is kept.
     frozen = finetune_image_layer(
         *args, FinetuneConfig(lr=0.0, epochs=5, batch_size=7), torch.Generator().manual_seed(0)
     )
     assert torch.equal(frozen.layer.weight, layer.weight.double()) and torch.equal(
         frozen.layer.bias, layer.bias.double()
     )
-    assert frozen.best_epoch == 0 and len(frozen.val_losses) == 6
+    assert frozen.best_epoch == 1 and len(frozen.val_losses) == 6 and len(set(frozen.val_losses)) == 1
+    with_pretrained = FinetuneConfig(lr=0.0, epochs=5, batch_size=7, include_pretrained=True)
+    assert finetune_image_layer(*args, with_pretrained, torch.Generator().manual_seed(0)).best_epoch == 0
 
     cfg = FinetuneConfig(lr=1e-2, epochs=8, batch_size=7)
     one = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(4))
     two = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(4))
     other = finetune_image_layer(*args, cfg, torch.Generator().manual_seed(5))
     assert torch.equal(one.layer.weight, two.layer.weight) and one.val_losses == two.val_losses
-    assert one.best_val_loss == min(one.val_losses) and one.best_val_loss <= frozen.best_val_loss
+    assert one.best_val_loss == min(one.val_losses[1:]) and one.best_epoch >= 1
     assert not torch.equal(one.layer.weight, layer.weight.double())
     assert one.val_losses != other.val_losses
+
+
+def test_finetune_selection_without_the_pretrained_layer_keeps_a_trained_epoch():
+    """A learning rate so large that every epoch is worse than the pre-trained layer: the published
+    selection (epochs 1..E) still keeps a trained epoch; include_pretrained keeps the pre-trained layer."""
+    from uqvlm.methods import cosine_logits
+
+    prob, _ = _finetune_inputs()
+    layer = prob.image_post.last_layer
+
+    def predicted(feats: Features) -> torch.Tensor:
+        return cosine_logits(feats.embeddings, prob.text.embeddings, 3.0, None).argmax(-1)
+
+    # Validation labels: what the pre-trained layer predicts; training labels: the next class instead.
+    k = len(prob.text.embeddings)
+    labels, val_labels = (predicted(prob.pool) + 1) % k, predicted(prob.target)
+    args = (layer, prob.pool, labels, prob.target, val_labels, prob.text.embeddings, 3.0, None)
+    runs = {
+        flag: finetune_image_layer(
+            *args, FinetuneConfig(lr=0.5, epochs=4, batch_size=7, include_pretrained=flag), torch.Generator()
+        )
+        for flag in (False, True)
+    }
+    losses = runs[False].val_losses
+    assert losses == runs[True].val_losses and min(losses[1:]) > losses[0]
+    assert runs[False].best_epoch == 1 + losses[1:].index(min(losses[1:]))
+    assert runs[True].best_epoch == 0 and torch.equal(runs[True].layer.weight, layer.weight.double())
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        FinetuneConfig(epochs=0)
+    assert FinetuneConfig(epochs=0, include_pretrained=True).epochs == 0
+
+
+# -------------------------------------------------------------------------------------------- learning curves
+
+
+def test_t_interval_against_a_t_table():
+    from uqvlm.active.curves import t_interval
+
+    # t_(0.975, 4) = 2.776 and t_(0.975, 1) = 12.706 (standard tables); s: the sample standard deviation.
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)
+    assert (mean, lo, hi) == pytest.approx((3.0, 3.0 - half, 3.0 + half), abs=1e-6)
+    assert t_interval([0.2, 0.4]) == pytest.approx((0.3, 0.3 - 12.7062047 * 0.1, 0.3 + 12.7062047 * 0.1))
+    one = t_interval([0.7])
+    assert one[0] == 0.7 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def _curve_rows(values: dict[tuple[str, int], list[float]]) -> pd.DataFrame:
+    rows = [{"strategy": "zero-shot", "budget": 0, "seed": -1, **dict.fromkeys(("acc", "nll", "ece"), 0.5)}]
+    for (strategy, budget), accs in values.items():
+        for seed, acc in enumerate(accs):
+            rows.append(
+                {"strategy": strategy, "budget": budget, "seed": seed, "acc": acc, "nll": 2 - acc, "ece": 0.1}
+            )
+    frame = pd.DataFrame(rows)
+    for m in ("acc", "nll", "ece"):
+        frame[f"map_{m}"] = frame[m]
+    return frame
+
+
+def test_learning_curve_table_has_intervals_and_says_who_beats_random():
+    from uqvlm.active.curves import aggregate, beats_random, comparison_lines
+
+    seeds = 5
+    base = [0.50, 0.52, 0.48, 0.51, 0.49]  # mean 0.50, s 0.0158: t-interval +-0.0196
+    rows = _curve_rows(
+        {
+            ("random", 10): base,
+            ("random", 20): base,
+            ("epig", 10): [a + 0.01 for a in base],  # intervals overlap
+            ("epig", 20): [a + 0.10 for a in base],  # entirely above
+            ("bald", 10): [a - 0.10 for a in base],  # entirely below
+            ("bald", 20): [a + 0.03 for a in base],  # overlap (0.03 < 2 x 0.0196)
+        }
+    )
+    table = aggregate(rows, order=STRATEGIES)
+    assert list(table.strategy) == ["zero-shot", "random", "random", "bald", "bald", "epig", "epig"]
+    assert (table.seeds[1:] == seeds).all()
+    half = 2.7764451 * float(pd.Series(base).std()) / math.sqrt(seeds)
+    rnd = table[(table.strategy == "random") & (table.budget == 10)].iloc[0]
+    assert (rnd.acc_mean, rnd.acc_lo, rnd.acc_hi) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+    assert (rnd.nll_lo, rnd.nll_hi) == pytest.approx((1.5 - half, 1.5 + half))
+    zs = table.iloc[0]
+    assert zs.acc_lo == zs.acc_hi == zs.acc_mean == 0.5
+    verdicts = {(r.strategy, r.budget): r.verdict for r in beats_random(table, "acc").itertuples()}
+    assert verdicts == {
+        ("bald", 10): "worse",
+        ("bald", 20): "overlap",
+        ("epig", 10): "overlap",
+        ("epig", 20): "better",
+    }
+    # NLL = 2 - acc here, so lower NLL where accuracy is higher: the same verdicts.
+    nll = {(r.strategy, r.budget): r.verdict for r in beats_random(table, "nll").itertuples()}
+    assert nll == verdicts
+    assert comparison_lines(table, "acc", "accuracy") == [
+        "- accuracy, `bald`: never better; worse at 10.",
+        "- accuracy, `epig`: better than random at budgets 20.",
+    ]
+
+
+def test_summary_says_whether_the_settings_are_the_searchs_choice():
+    from uqvlm.tasks.active_learning import search_note
+
+    cfg = FinetuneConfig(lr=1e-3, epochs=20)
+    assert search_note(cfg, None) == "."
+    assert "chosen on the target's validation split" in search_note(cfg, {"lr": 1e-3, "epochs": 20})
+    other = search_note(FinetuneConfig(), {"lr": 1e-3, "epochs": 20})
+    assert other.startswith("; not the choice") and "lr 0.001, 20 epochs" in other
 
 
 # ----------------------------------------------------------------------------------------------------- domains
@@ -563,9 +692,10 @@ def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint, 
         "task.data.sizes.val=24",
         "task.data.sizes.test=40",
         "task.budgets=[3,6]",
-        "task.seeds=[0,1]",
+        "task.seeds=[0,1,2,3,4]",
         "task.samples=16",
         "task.finetune.epochs=3",
+        "task.finetune.lr=1e-2",
     ]
     first = settings_of(*common, "task.strategies=[random,entropy-targeted,bald]")
     second = settings_of(*common, "task.strategies=[epig]")
@@ -574,16 +704,9 @@ def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint, 
 
     out = tmp_path / "active_learning" / "shapes-sketch"
     csv = pd.read_csv(out / "uqvlm-tiny.csv")
-    assert list(csv.columns[:7]) == [
-        "strategy",
-        "budget",
-        "acc_mean",
-        "acc_std",
-        "nll_mean",
-        "ece_mean",
-        "seeds",
-    ]
-    assert {"map_acc_mean", "map_nll_mean", "map_ece_mean"} <= set(csv.columns)
+    assert list(csv.columns[:6]) == ["strategy", "budget", "seeds", "acc_mean", "acc_lo", "acc_hi"]
+    for m in ("acc", "nll", "ece", "map_acc", "map_nll", "map_ece"):
+        assert {f"{m}_mean", f"{m}_lo", f"{m}_hi"} <= set(csv.columns)
     assert list(csv.strategy) == [
         "zero-shot",
         "random",
@@ -595,6 +718,54 @@ def test_active_learning_task_end_to_end(tmp_path, test_cache, tiny_checkpoint, 
         "epig",
         "epig",
     ]
-    assert (csv.seeds[csv.strategy != "zero-shot"] == 2).all() and len(table) == len(csv)
+    assert (csv.seeds[csv.strategy != "zero-shot"] == 5).all() and len(table) == len(csv)
     assert csv.acc_mean.between(0, 1).all() and (csv.nll_mean > 0).all()
+    # Each interval is the t-interval of the five seeds' rows: mean +- t_(0.975, 4) s / sqrt(5).
+    rows = pd.concat(pd.read_csv(p) for p in (out / "uqvlm-tiny.rows").glob("*/*.csv"))
+    for r in csv[csv.strategy != "zero-shot"].itertuples():
+        for m in ("acc", "nll", "map_ece"):
+            values = rows[(rows.strategy == r.strategy) & (rows.budget == r.budget)][m]
+            half = 2.7764451 * values.std(ddof=1) / math.sqrt(5)
+            got = (getattr(r, f"{m}_mean"), getattr(r, f"{m}_lo"), getattr(r, f"{m}_hi"))
+            assert got == pytest.approx((values.mean(), values.mean() - half, values.mean() + half), abs=2e-5)
     assert (out / "uqvlm-tiny.md").exists() and (out / "uqvlm-tiny.png").stat().st_size > 1000
+    summary = (out / "uqvlm-tiny.summary.md").read_text()
+    assert "beats random" in summary and "`epig`" in summary and "lr 0.01" in summary
+
+
+def test_offline_finetune_settings_improve_the_validation_nll(
+    tmp_path, test_cache, tiny_checkpoint, settings_of
+):
+    """At the offline twin's fine-tuning settings (task/finetune=shapes, experiment=offline_active_learning)
+    the tiny CLIP's last layer learns: fine-tuned on random picks of 50 or 200 pool images, it lowers the
+    target's validation NLL below the pre-trained layer's, at an epoch >= 1. (At 10 or 20 random picks a
+    seed may draw no target-domain image, and then fine-tuning on the other domains does not help.)"""
+    from uqvlm.tasks.active_learning import prepare
+    from uqvlm.tasks.common import prepare_dirs
+
+    settings = settings_of(
+        "experiment=offline_active_learning",
+        f"paths.cache_dir={test_cache}",
+        f"paths.results_dir={tmp_path}",
+        f"model.pretrained={tiny_checkpoint}",
+    )
+    assert settings.task.finetune.lr > 1e-5 and settings.task.data.include_target_in_pool
+    study = prepare(settings, prepare_dirs(settings.paths))
+    for seed in (0, 1, 2):
+        picks = select(study.problem, "random", 200, seed, settings.task.acquisition()).indices
+        for budget in (50, 200):
+            result = study.finetune(picks[:budget], settings.task.finetune, seed, "random")
+            assert result.best_epoch >= 1, (seed, budget)
+            assert result.best_val_loss < result.val_losses[0] - 0.01, (seed, budget, result.val_losses[0])
+
+
+def test_offline_finetune_config_is_the_committed_search_choice(settings_of):
+    """configs/task/finetune/shapes.yaml holds what scripts/finetune_search.py chose (its committed output),
+    and the study's summary says so."""
+    import json
+
+    out = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch+pool"
+    chosen = json.loads((out / "finetune_search.json").read_text())
+    ft = settings_of("experiment=offline_active_learning").task.finetune
+    assert (ft.lr, ft.epochs) == (chosen["lr"], chosen["epochs"])
+    assert "chosen on the target's validation split" in (out / "uqvlm-tiny.summary.md").read_text()

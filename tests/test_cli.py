@@ -163,6 +163,8 @@ def test_a_bug_keeps_its_traceback_while_a_bad_setting_is_one_line(tmp_path, tes
         "~task.methods.temperature",
         "~task.methods.tta",
         "~task.methods.bayesvlm-kfac-mc",
+        "~task.methods.probvlm",
+        "~task.methods.probvlm-probit",
         "task.plots=false",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}

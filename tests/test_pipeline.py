@@ -27,6 +27,8 @@ KFAC_SWEEP = [
     "~task.methods.temperature",
     "~task.methods.tta",
     "~task.methods.bayesvlm-kfac-mc",
+    "~task.methods.probvlm",
+    "~task.methods.probvlm-probit",
     "task.plots=false",
 ]
 COLUMNS = ["method", "acc", "nll", "ece", "ece15", "brier", "auroc", "aurc", "n", "uses_labels"]
@@ -79,9 +81,12 @@ def test_zeroshot_table_record_and_plots(first_run):
         "bayesvlm-diag",
         "bayesvlm-kfac",
         "bayesvlm-kfac-mc",
+        "probvlm",
+        "probvlm-probit",
     ]
     assert (table["n"] == 300).all()
-    # Temperature is fitted on validation labels; MAP, TTA and BayesVLM with the evidence's lambda are not.
+    # Temperature is fitted on validation labels; MAP, TTA, BayesVLM with the evidence's lambda and ProbVLM
+    # (its cross-modal weight chosen on held-out image-caption pairs) are not.
     assert table.set_index("method")["uses_labels"].to_dict() == {
         "map": False,
         "temperature": True,
@@ -89,6 +94,8 @@ def test_zeroshot_table_record_and_plots(first_run):
         "bayesvlm-diag": False,
         "bayesvlm-kfac": False,
         "bayesvlm-kfac-mc": False,
+        "probvlm": False,
+        "probvlm-probit": False,
     }
     for col in ("acc", "ece", "ece15", "auroc", "aurc"):
         assert table[col].between(0, 1).all(), col
@@ -103,6 +110,11 @@ def test_zeroshot_table_record_and_plots(first_run):
     assert record["config"]["dataset"]["name"] == "shapes-sketch"
     assert set(record["provenance"]["posteriors"]) == {"kfac", "diag"}
     assert set(record["provenance"]["label_use"]) == {"temperature"}
+    for key in ("probvlm/mc/pairs", "probvlm/probit/pairs"):
+        choice = record["provenance"]["notes"][key]
+        scores = choice["scores"]
+        assert choice["criterion"] == "held-out pair retrieval NLL" and len(scores) == 5
+        assert scores[str(choice["cross_modal"])] == min(scores.values())
     assert len(list((directory / "runs").glob("uqvlm-tiny-*.json"))) == 1
     for suffix in ("reliability", "risk_coverage", "uncertain"):
         png = directory / f"uqvlm-tiny_{suffix}.png"
@@ -116,6 +128,7 @@ def test_warm_rerun_reuses_caches_and_reproduces(first_run, test_cache):
     before = pd.read_csv(results / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv")
     out = run_cli(*SMALL, cache=test_cache, results=results, logs=logs)
     assert "encoding" not in out.stdout and "curvature" not in out.stdout, "caches must be reused"
+    assert "fitting ProbVLM" not in out.stdout, "the adapters' cache must be reused"
     after = pd.read_csv(results / "zeroshot" / "shapes-sketch" / "uqvlm-tiny.csv")
     pd.testing.assert_frame_equal(before, after)
 

@@ -19,6 +19,7 @@ from uqvlm.probvlm import (
     generalized_gaussian_nll,
     generalized_gaussian_nll_loss,
     generalized_gaussian_variance,
+    pair_retrieval_nll,
     probvlm_log_probs_mc,
     probvlm_log_probs_probit,
     probvlm_moments,
@@ -329,3 +330,150 @@ def test_tensors_follow_the_inputs(device):
     # the same adapters on the CPU give the same probit predictive
     cpu = ProbVLMAdapters.from_state_dict(adapters.state_dict())
     torch.testing.assert_close(probit.cpu(), probvlm_log_probs_probit(cpu, x.cpu(), c.cpu(), 1.0))
+
+
+# ---------------------------------------------------------------------------------- the zero-shot method
+
+
+def test_pair_retrieval_nll_matches_a_brute_force_loop():
+    gen = torch.Generator().manual_seed(20)
+    image = torch.randn(8, 5, generator=gen, dtype=F64)
+    text = torch.randn(8, 5, generator=gen, dtype=F64)
+    text[2] = text[0] * 3.0  # the same caption twice in the first batch (one unit embedding)
+    text[7] = text[6]  # ... and in the last
+    scale = math.log(7.0)
+
+    def log_probs(x, c):
+        return torch.log_softmax(cosine_logits(x, c, scale, None), dim=-1)
+
+    got = pair_retrieval_nll(log_probs, image, text, batch=3)
+    total = 0.0
+    for start in (0, 3, 6):  # batches of 3, 3 and 2 pairs
+        rows = range(start, min(8, start + 3))
+        for i in rows:
+            logits = {j: math.exp(scale) * float(F.cosine_similarity(image[i], text[j], dim=0)) for j in rows}
+            z = sum(math.exp(v) for v in logits.values())
+            same = [j for j in rows if float(F.cosine_similarity(text[i], text[j], dim=0)) > 1 - 1e-9]
+            total -= math.log(sum(math.exp(logits[j]) for j in same) / z)
+    assert got == pytest.approx(total / 8, rel=1e-12)
+    with pytest.raises(ValueError, match="batch"):
+        pair_retrieval_nll(log_probs, image, text, batch=1)
+
+
+class _FakePairs:
+    """PairAdapters whose fit for weight w is fresh adapters with alpha = w (a known spread)."""
+
+    def __init__(self, dim: int, image: torch.Tensor, text: torch.Tensor):
+        self.dim, self.image, self.text = dim, image, text
+        self.calls: list[tuple[float, str]] = []
+
+    def fit(self, cross_modal, subset):
+        self.calls.append((cross_modal, subset))
+        return _adapters(self.dim, init_alpha=cross_modal, alpha_eps=0.0)
+
+    def heldout(self):
+        return self.image, self.text
+
+
+def _zeroshot_ctx(pairs: _FakePairs, scale: float, bias: float | None):
+    from uqvlm.features import Features
+    from uqvlm.methods import ZeroShotContext
+
+    gen = torch.Generator().manual_seed(21)
+    classes = torch.randn(4, pairs.dim, generator=gen, dtype=F64)
+    images = classes[torch.arange(30) % 4] + 1.2 * torch.randn(30, pairs.dim, generator=gen, dtype=F64)
+    labels = torch.arange(30) % 4
+
+    def unused(*_):
+        raise AssertionError("ProbVLM needs no posteriors or views")
+
+    return ZeroShotContext(
+        logit_scale=scale,
+        logit_bias=bias,
+        image=Features(images, images),
+        labels=labels,
+        text=Features(classes, classes),
+        posterior=None,
+        validation_provider=lambda: (Features(images[:20], images[:20]), labels[:20]),
+        views_provider=unused,
+        posterior_provider=unused,
+        probvlm_provider=lambda fit: pairs,
+    )
+
+
+@pytest.mark.parametrize("predictive", ["mc", "probit"])
+@pytest.mark.parametrize("select", ["pairs", "val"])
+def test_probvlm_method_keeps_the_weight_with_the_lowest_criterion(predictive, select):
+    from uqvlm.methods import ProbVLM
+    from uqvlm.metrics import negative_log_likelihood
+    from uqvlm.tasks.zeroshot import label_use
+
+    d, scale, bias = 6, math.log(15.0), (None if predictive == "mc" else -1.0)
+    image, text, _ = _noisy_pairs(n=40, d=d, noisy=3)
+    pairs = _FakePairs(d, image.double(), text.double())
+    ctx = _zeroshot_ctx(pairs, scale, bias)
+    grid = [1e-3, 0.05, 0.3, 1.5]
+    method = ProbVLM(predictive=predictive, samples=30, cross_modal=grid, select=select, retrieval_batch=8)
+    got = method.predict_log_probs(ctx)
+
+    def predictive_of(weight, x, c):
+        adapters = _adapters(d, init_alpha=weight, alpha_eps=0.0)
+        if predictive == "probit":
+            return probvlm_log_probs_probit(adapters, x, c, scale, bias)
+        return probvlm_log_probs_mc(
+            adapters, x, c, scale, bias, samples=30, generator=torch.Generator().manual_seed(0)
+        )
+
+    if select == "pairs":
+        scores = [
+            pair_retrieval_nll(lambda x, c, w=w: predictive_of(w, x, c), pairs.image, pairs.text, batch=8)
+            for w in grid
+        ]
+    else:
+        val, val_labels = ctx.validation
+        scores = [
+            float(negative_log_likelihood(predictive_of(w, val.embeddings, ctx.text.embeddings), val_labels))
+            for w in grid
+        ]
+    best = grid[scores.index(min(scores))]
+    assert len(set(scores)) == len(scores)  # the criterion tells the weights apart
+    note = ctx.notes[f"probvlm/{predictive}/{select}"]
+    assert note["cross_modal"] == best
+    assert [note["scores"][str(w)] for w in grid] == pytest.approx(scores, rel=1e-12)
+    # the prediction is the chosen weight's, refitted on all pairs, and a distribution over the classes
+    assert pairs.calls[-1] == (best, "all")
+    assert {s for _, s in pairs.calls[:-1]} == {"train" if select == "pairs" else "all"}
+    torch.testing.assert_close(got, predictive_of(best, ctx.image.embeddings, ctx.text.embeddings))
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(30, dtype=F64))
+    # only the validation criterion uses labels of the evaluated dataset
+    assert method.uses_labels == (select == "val")
+    assert (label_use(None, method) is not None) == (select == "val")
+
+
+def test_probvlm_method_with_vanishing_uncertainty_is_map():
+    from uqvlm.methods import MAP, ProbVLM
+
+    image, text, _ = _noisy_pairs(n=20, d=6, noisy=2)
+    ctx = _zeroshot_ctx(_FakePairs(6, image, text), math.log(25.0), None)
+    expected = MAP().predict_log_probs(ctx)
+    for predictive in ("mc", "probit"):
+        got = ProbVLM(predictive=predictive, samples=4, cross_modal=1e-9).predict_log_probs(ctx)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert ctx.notes["probvlm/mc/pairs"]["criterion"] == "fixed"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"cross_modal": []}, "cross_modal"),
+        ({"cross_modal": [1e-4, -1.0]}, "cross_modal"),
+        ({"select": "labels"}, "select"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"predictive": "exact"}, "predictive"),
+    ],
+)
+def test_probvlm_method_refuses_bad_settings(bad, match):
+    from uqvlm.methods import ProbVLM
+
+    with pytest.raises(ValueError, match=match):
+        ProbVLM(**bad)

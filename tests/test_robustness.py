@@ -29,6 +29,8 @@ SMALL = [
     "~task.methods.temperature",
     "~task.methods.tta",
     "~task.methods.bayesvlm-kfac-mc",
+    "~task.methods.probvlm",
+    "~task.methods.probvlm-probit",
     "task.plots=false",
 ]
 

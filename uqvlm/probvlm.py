@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from uqvlm.console import progress
+from uqvlm.devices import intra_op_threads
 from uqvlm.probcosine import probcosine_logits, probit_log_probs
 from uqvlm.validation import check_tensor
 
@@ -68,6 +69,7 @@ __all__ = [
     "probvlm_moments",
     "probvlm_log_probs_mc",
     "probvlm_log_probs_probit",
+    "pair_retrieval_nll",
 ]
 
 TOWERS = ("image", "text")
@@ -76,6 +78,8 @@ Tower = Literal["image", "text"]
 Center = Literal["frozen", "adapter"]
 # Rows per adapter forward pass at prediction time: bounds the hidden activations' memory.
 _PREDICT_CHUNK = 16384
+# Captions whose unit embeddings have a cosine above this are one caption (the same text encoded twice).
+_SAME_CAPTION_COS = 1.0 - 1e-6
 
 
 def _inverse_softplus(y: float) -> float:
@@ -424,21 +428,10 @@ def _derived_generator(generator: torch.Generator | None, device: torch.device) 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for CPU training: every op of an adapter step is small, and with several
-    threads each waits on a barrier, which on a busy CPU costs scheduler quanta (measured on a shared
-    2-core machine: 40 s instead of 2 s for 6,000 pairs at D=32, 42 s instead of 5 s for 8,192 at D=512;
-    uqvlm.active.finetune does the same for the same reason)."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _one_cpu_thread(device: torch.device) -> contextlib.AbstractContextManager:
+    """One intra-op thread for CPU training: every op of an adapter step is small (see
+    uqvlm.devices.intra_op_threads; 2 s instead of 40 s for 6,000 pairs at D=32 on a busy 2-core machine)."""
+    return intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext()
 
 
 def fit_probvlm(
@@ -660,3 +653,33 @@ def probvlm_log_probs_probit(
     cls_mean, cls_var = probvlm_moments(adapters, class_emb.to(image_emb.device), "text", center)
     mean, var = probcosine_logits(img_mean, img_var, cls_mean, cls_var, logit_scale, logit_bias)
     return probit_log_probs(mean, var)
+
+
+def pair_retrieval_nll(
+    log_probs: Callable[[Tensor, Tensor], Tensor], image_emb: Tensor, text_emb: Tensor, *, batch: int = 256
+) -> float:
+    """Mean negative log-probability of each image's own caption among the captions of its batch.
+
+    The pairs (row i of ``image_emb`` with row i of ``text_emb``) are cut into consecutive batches of
+    ``batch``; in each, ``log_probs(images, captions)`` (a zero-shot predictive, log p [B, B]) classifies
+    every image among the batch's captions, and the image's label is its own caption. A caption that occurs
+    twice in a batch (unit embeddings equal to 1e-6 in cosine: the same text) is one answer, so the
+    probability of the label is summed over its copies. Needs only the pairing, no class labels: a
+    label-free criterion for what a zero-shot predictive built from image-caption pairs should do.
+    """
+    _paired_unit_embeddings(image_emb, text_emb)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
+        raise ValueError(f"batch must be an int >= 2, got {batch!r}")
+    total, count = 0.0, 0
+    for start in range(0, image_emb.shape[0], batch):
+        images, captions = image_emb[start : start + batch], text_emb[start : start + batch]
+        if len(images) < 2:  # a last batch of one pair has nothing to tell apart
+            continue
+        unit = F.normalize(captions.double(), dim=-1)
+        same = (unit @ unit.T) > _SAME_CAPTION_COS
+        lp = log_probs(images, captions).double()
+        total += float(-lp.masked_fill(~same.to(lp.device), -math.inf).logsumexp(1).sum())
+        count += len(images)
+    if count == 0:
+        raise ValueError("pair_retrieval_nll needs at least two pairs")
+    return total / count

@@ -7,8 +7,9 @@ S weight samples), and is computed with matmuls over S in bounded chunks.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -91,43 +92,87 @@ class EpigTargets:
     [M, S, K'], prepared once and shared by every call of a greedy step.
 
     For EPIG: the centred ratios c[(x*, y*), s] = (p_s(y*|x*) - p(y*|x*)) / p(y*|x*) as columns in ``dtype``
-    and the marginals p(y*|x*) as weights. For the bound (float64, built on first use): the rows c with
-    weights w = p(y*|x*) / M, grouped by the half-octave of b = ||c|| / sqrt(S), and per group the Gram
-    matrix G_j = sum w c c^T [S, S].
+    and the marginals p(y*|x*) as weights. For the bound (float64): the rows c with weights
+    w = p(y*|x*) / M, grouped by the half-octave of b = ||c|| / sqrt(S), and per group the Gram matrix
+    G_j = sum w c c^T [S, S].
+
+    Both are built in chunks of target rows (:meth:`from_chunks`), so beside the columns ([S, M K'] in
+    ``dtype``, what EPIG reads) only one chunk's float64 temporaries are held: at M = 20,000, S = 100,
+    K' = 200 the columns take 1.6 GB in float32, where whole-array float64 copies would take 3.2 GB each.
     """
 
-    def __init__(self, target_probs: Tensor, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, target_probs: Tensor, dtype: torch.dtype = torch.float64, *, chunk: int | None = None):
         if target_probs.ndim != 3:
             raise ValueError(f"target_probs must be [M, S, K'], got {tuple(target_probs.shape)}")
-        self.count, self.samples, self.classes = target_probs.shape
-        self.dtype = dtype
-        self._probs = target_probs
-        ratio, marg = _centred_ratio(target_probs, dtype)
-        self.columns = ratio.permute(1, 0, 2).reshape(self.samples, -1) / self.samples  # column (x*, y*)
-        self.weights = marg.reshape(-1).to(dtype)
-        self._levels: Tensor | None = None
-        self._by_level: dict[int, Tensor] = {}
+        m, s, k = target_probs.shape
+        rows = chunk or max(1, MAX_ELEMENTS // max(1, s * k))
+        self._build(target_probs.split(rows) if m else [target_probs], m, s, k, dtype, target_probs.device)
 
-    def _bound_side(self) -> None:
-        c, marg = _centred_rows(self._probs)  # [(M K'), S] float64
-        w = marg.reshape(-1) / self.count
-        b = c.norm(dim=1) / math.sqrt(self.samples)
-        self._mean_scale = float((w * b).sum())
-        self._levels, slices = _groups(_scale_level(b))
-        self._grams = torch.stack([(c[rows] * w[rows, None]).T @ c[rows] for rows in slices])
+    @classmethod
+    def from_chunks(
+        cls, chunks: Iterable[Tensor], count: int, dtype: torch.dtype = torch.float64
+    ) -> EpigTargets:
+        """The targets from consecutive row chunks [m_i, S, K'] of the probabilities (sum m_i = ``count``),
+        consumed one at a time: the full [M, S, K'] tensor is never needed."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None or first.ndim != 3:
+            raise ValueError("from_chunks needs at least one [m, S, K'] chunk")
+        self = cls.__new__(cls)
+        self._build(
+            itertools.chain([first], chunks), count, first.shape[1], first.shape[2], dtype, first.device
+        )
+        return self
+
+    def _build(
+        self, chunks: Iterable[Tensor], m: int, s: int, k: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.count, self.samples, self.classes, self.dtype = m, s, k, dtype
+        self.columns = torch.empty((s, m * k), dtype=dtype, device=device)  # column (x*, y*)
+        self.weights = torch.empty(m * k, dtype=dtype, device=device)
+        grams: dict[int, Tensor] = {}
+        mean_scale = 0.0
+        done = 0
+        for probs in chunks:
+            if probs.ndim != 3 or probs.shape[1:] != (s, k):
+                raise ValueError(f"every chunk must be [m, {s}, {k}], got {tuple(probs.shape)}")
+            n = probs.shape[0]
+            if done + n > m:
+                raise ValueError(f"the chunks hold more than the {m} target rows announced")
+            cols = slice(done * k, (done + n) * k)
+            ratio, marg = _centred_ratio(probs, dtype)
+            self.columns[:, cols] = ratio.permute(1, 0, 2).reshape(s, -1) / s
+            self.weights[cols] = marg.reshape(-1).to(dtype)
+            del ratio
+            # The bound's side: the same ratios in float64 as rows, grouped by their scale's half-octave.
+            c, marg64 = _centred_rows(probs)
+            w = marg64.reshape(-1) / m
+            b = c.norm(dim=1) / math.sqrt(s)
+            mean_scale += float((w * b).sum())
+            levels, slices = _groups(_scale_level(b))
+            for level, rows in zip(levels.tolist(), slices, strict=True):
+                part = c[rows]
+                gram = (part * w[rows, None]).T @ part
+                grams[level] = gram if level not in grams else grams[level].add_(gram)
+            done += n
+        if done != m:
+            raise ValueError(f"the chunks hold {done} target rows, {m} were announced")
+        order = sorted(grams)
+        self._levels = torch.tensor(order, dtype=torch.long)
+        self._grams = (
+            torch.stack([grams[j] for j in order]) if order else torch.zeros(0, s, s, dtype=torch.float64)
+        )
         self._gram = self._grams.sum(0)
+        self._mean_scale = mean_scale
+        self._by_level: dict[int, Tensor] = {}
 
     @property
     def mean_scale(self) -> float:
         """sum_(x*, y*) w ||c|| / sqrt(S): the targets' half of the round-off scale of the bound's margin."""
-        if self._levels is None:
-            self._bound_side()
         return self._mean_scale
 
     def weighted_gram(self, level: int) -> Tensor:
         """H_l = G/2 + sum_j min(1, 2^((l + j)/2)) G_j / 2 (factor 1 where l or j is "larger")."""
-        if self._levels is None:
-            self._bound_side()
         if level not in self._by_level:
             factor = torch.exp2((level + self._levels.double()) / 2).clamp(max=1.0)
             factor[self._levels > _E_MAX] = 1.0
@@ -355,7 +400,7 @@ def assign_nearest_unused(
     until ``budget`` pool points are chosen. Returns (pool indices [budget], query of each pick)."""
     if budget > pool_mean.shape[0]:
         raise ValueError(f"budget {budget} exceeds the pool size {pool_mean.shape[0]}")
-    used = torch.zeros(pool_mean.shape[0], dtype=torch.bool)
+    used = torch.zeros(pool_mean.shape[0], dtype=torch.bool, device=pool_mean.device)
     picks: list[int] = []
     owners: list[int] = []
     for rows, dist in _distance_rows(query_mean, query_var, pool_mean, pool_var, metric, max_elements):

@@ -1,7 +1,8 @@
 """Fine-tuning of the image tower's last layer on acquired labels (method.md section 7).
 
 Only [W_img | b_img] is trained; the class text embeddings stay fixed. Training and epoch selection use
-the same (MAP) logits, so the kept epoch is the one with the lowest MAP validation loss.
+the same (MAP) logits, so the kept epoch is the one with the lowest MAP validation loss: among epochs
+1..E, as the published code keeps (the pre-trained layer competes only with ``include_pretrained``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from uqvlm.devices import intra_op_threads
 from uqvlm.features import Features, LastLayer
 from uqvlm.methods import cosine_logits
 from uqvlm.validation import check_finite, check_positive_int
@@ -25,12 +27,15 @@ T = TypeVar("T")
 
 @dataclass
 class FinetuneConfig:
-    """The paper's defaults: AdamW lr 1e-5, weight decay 5e-2, 100 epochs, batch 30."""
+    """The paper's defaults: AdamW lr 1e-5, weight decay 5e-2, 100 epochs, batch 30, the epoch (1..E) with
+    the lowest validation loss kept. ``include_pretrained``: the pre-trained layer (epoch 0) is a candidate
+    too, so a fine-tune that only hurts the validation loss keeps it."""
 
     lr: float = 1e-5
     weight_decay: float = 5e-2
     epochs: int = 100
     batch_size: int = 30
+    include_pretrained: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay"):
@@ -41,11 +46,16 @@ class FinetuneConfig:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         self.batch_size = check_positive_int("batch_size", self.batch_size)
+        if not isinstance(self.include_pretrained, bool):
+            raise ValueError(f"include_pretrained must be true or false, got {self.include_pretrained!r}")
+        if self.epochs == 0 and not self.include_pretrained:
+            raise ValueError("epochs must be >= 1 (or 0 with include_pretrained: the pre-trained layer)")
 
 
 @dataclass
 class FinetuneResult:
-    """The kept last layer (float64), its epoch (0 = the pre-trained weights) and the validation losses."""
+    """The kept last layer (float64), its epoch (0 = the pre-trained weights) and the validation losses
+    of every epoch, 0 (the pre-trained layer) included."""
 
     layer: LastLayer
     best_epoch: int
@@ -78,16 +88,11 @@ def _subset(image: Features, rows: Tensor) -> Features:
 
 
 def _single_threaded(fn: Callable[..., T]) -> Callable[..., T]:
-    # Every op of a last-layer fine-tune is tiny: with several intra-op threads each waits on a thread
-    # barrier, which on a busy CPU costs scheduler quanta (measured: 20 s instead of 0.3 s for one run).
+    # Every op of a last-layer fine-tune is tiny (see uqvlm.devices.intra_op_threads).
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> T:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with intra_op_threads(1):
             return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
     return run
 
@@ -105,8 +110,8 @@ def finetune_image_layer(
     cfg: FinetuneConfig,
     generator: torch.Generator,
 ) -> FinetuneResult:
-    """Cross-entropy fine-tuning of ``layer`` with seeded shuffles; keeps the epoch (0 included: the
-    pre-trained layer) with the lowest validation loss, the earliest on ties."""
+    """Cross-entropy fine-tuning of ``layer`` with seeded shuffles; keeps the epoch with the lowest
+    validation loss (among 1..E, or 0..E with ``cfg.include_pretrained``), the earliest on ties."""
     w = layer.weight.detach().double().clone().requires_grad_(True)
     b = None if layer.bias is None else layer.bias.detach().double().clone().requires_grad_(True)
     current = LastLayer(w, b)
@@ -122,7 +127,7 @@ def finetune_image_layer(
         return LastLayer(w.detach().clone(), None if b is None else b.detach().clone())
 
     losses = [val_loss()]
-    best = FinetuneResult(snapshot(), 0, losses[0])
+    best = FinetuneResult(snapshot(), 0, losses[0]) if cfg.include_pretrained else None
     n = len(train_labels)
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(n, generator=generator)
@@ -134,7 +139,8 @@ def finetune_image_layer(
             ).backward()
             opt.step()
         losses.append(val_loss())
-        if losses[-1] < best.best_val_loss:
+        if best is None or losses[-1] < best.best_val_loss:
             best = FinetuneResult(snapshot(), epoch, losses[-1])
+    assert best is not None  # FinetuneConfig: epochs >= 1 unless the pre-trained layer is a candidate
     best.val_losses = losses
     return best

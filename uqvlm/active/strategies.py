@@ -7,6 +7,7 @@ strategies ran before. A selection for budget B is the prefix of the one for any
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from uqvlm.active.acquisition import (
     joint_sample_probs,
     sampled_embeddings,
 )
+from uqvlm.devices import intra_op_threads
 from uqvlm.features import Features
 from uqvlm.laplace.base import LastLayerPosterior
 from uqvlm.methods import cosine_logits
@@ -49,12 +51,20 @@ STRATEGIES = ("random", "random-targeted", "entropy", "entropy-targeted", "bald"
 TARGETED_STRATEGIES = ("random-targeted", "entropy-targeted", "bald", "epig")
 # EPIG's candidate sets (``epig_candidates``): the pool points nearest the targets, or the whole pool.
 EPIG_CANDIDATES = ("targeted", "pool")
+# Target-side probabilities ([M, S, K] entries) below which a selection runs on one CPU thread.
+SMALL_PROBLEM = 1 << 22
 
 
-def make_generator(seed: int, *parts: str) -> torch.Generator:
-    """A CPU generator seeded by a stable hash of ``(seed, *parts)`` (Python's hash() is salted)."""
+def make_generator(seed: int, *parts: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded by a stable hash of ``(seed, *parts)`` (Python's hash() is salted).
+    CPU and CUDA generators of one seed draw different numbers."""
     digest = hashlib.blake2b(repr((int(seed), *parts)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def _device(post: LastLayerPosterior) -> torch.device:
+    """Where the posterior's tensors (and so its samples) live."""
+    return post.last_layer.weight.device
 
 
 @dataclass
@@ -158,8 +168,22 @@ def _image_samples(
     post: LastLayerPosterior, cfg: AcquisitionConfig, seed: int
 ) -> tuple[Tensor, Tensor | None]:
     # Re-seeded at every greedy step: common random numbers, so picks differ only by the posterior update.
-    w, b = post.sample(cfg.samples, generator=make_generator(seed, "epig", "image"))
+    w, b = post.sample(cfg.samples, generator=make_generator(seed, "epig", "image", device=_device(post)))
     return w.to(cfg.epig_dtype), None if b is None else b.to(cfg.epig_dtype)
+
+
+def _epig_targets(
+    problem: ActiveProblem, w: Tensor, b: Tensor | None, classes: Tensor, cfg: AcquisitionConfig
+) -> EpigTargets:
+    """The target side of a greedy step, from the targets' probabilities computed a chunk of rows at a
+    time (the [M, S, K'] tensor is never held: 1.6 GB at the published M = 20,000, S = 100, K' = 200)."""
+    count = len(problem.target)
+    rows = max(1, cfg.max_elements // (cfg.samples * max(w.shape[1], classes.shape[1])))
+    chunks = (
+        _probs(problem, problem.target, torch.arange(start, min(count, start + rows)), w, b, classes, cfg)
+        for start in range(0, count, rows)
+    )
+    return EpigTargets.from_chunks(chunks, count, cfg.epig_dtype)
 
 
 def epig_candidates(problem: ActiveProblem, cfg: AcquisitionConfig) -> Tensor:
@@ -209,14 +233,15 @@ def greedy_epig(
         raise ValueError(f"EPIG budget {budget} exceeds its {len(cand)} candidates; raise task.k_nearest")
     if cfg.epig_batch < 1:
         raise ValueError(f"epig batch must be a positive integer, got {cfg.epig_batch}")
-    classes = _class_samples(problem, cfg.samples, make_generator(seed, "epig", "text"), cfg.epig_dtype)
+    text_gen = make_generator(seed, "epig", "text", device=_device(problem.text_post))
+    classes = _class_samples(problem, cfg.samples, text_gen, cfg.epig_dtype)
     post = problem.image_post
     free = torch.ones(len(cand), dtype=torch.bool)
     picks: list[int] = []
     scores: list[float] = []
     for step in range(budget):
         w, b = _image_samples(post, cfg, seed)
-        targets = EpigTargets(_probs(problem, problem.target, None, w, b, classes, cfg), cfg.epig_dtype)
+        targets = _epig_targets(problem, w, b, classes, cfg)
         positions = free.nonzero().squeeze(1)
 
         def probs(rows: Tensor, w=w, b=b) -> Tensor:
@@ -346,7 +371,17 @@ def _ranked(scores: Tensor) -> Tensor:
 def select(
     problem: ActiveProblem, strategy: str, budget: int, seed: int, cfg: AcquisitionConfig
 ) -> Selection:
-    """The first ``budget`` pool points chosen by ``strategy`` for ``seed``."""
+    """The first ``budget`` pool points chosen by ``strategy`` for ``seed``. A small problem (the
+    targets' joint probabilities [M, S, K] under ``SMALL_PROBLEM`` entries) runs on one CPU thread: its
+    ops are too small for several (uqvlm.devices.intra_op_threads)."""
+    small = len(problem.target) * cfg.samples * len(problem.text.embeddings) < SMALL_PROBLEM
+    with intra_op_threads(1) if small else contextlib.nullcontext():
+        return _select(problem, strategy, budget, seed, cfg)
+
+
+def _select(
+    problem: ActiveProblem, strategy: str, budget: int, seed: int, cfg: AcquisitionConfig
+) -> Selection:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
     if not 0 < budget <= len(problem.pool):
@@ -365,8 +400,10 @@ def select(
         return _targeted(problem, _ranked(scores), budget, cfg, scores)
     if strategy == "bald":
         # float64 throughout: BALD is a difference of entropies, small next to either.
-        classes = _class_samples(problem, cfg.samples, make_generator(seed, strategy, "text"), torch.float64)
-        w, b = problem.image_post.sample(cfg.samples, generator=make_generator(seed, strategy, "image"))
+        text_gen = make_generator(seed, strategy, "text", device=_device(problem.text_post))
+        classes = _class_samples(problem, cfg.samples, text_gen, torch.float64)
+        image_gen = make_generator(seed, strategy, "image", device=_device(problem.image_post))
+        w, b = problem.image_post.sample(cfg.samples, generator=image_gen)
         scores = bald(_probs(problem, problem.target, None, w, b, classes, cfg))
         return _targeted(problem, _ranked(scores), budget, cfg, scores)
     return greedy_epig(problem, budget, seed, cfg)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from torch import Tensor
 
+from uqvlm.active.curves import LEVEL, ZERO_SHOT, comparison_lines, table_columns
+from uqvlm.active.curves import aggregate as aggregate_rows
 from uqvlm.active.domains import DomainData, build_domain_data
-from uqvlm.active.finetune import embed, finetune_image_layer
+from uqvlm.active.finetune import FinetuneConfig, FinetuneResult, embed, finetune_image_layer
 from uqvlm.active.strategies import STRATEGIES, TARGETED_STRATEGIES, ActiveProblem, make_generator, select
 from uqvlm.cache import atomic_write, cache_key
 from uqvlm.console import console, progress
@@ -32,7 +36,6 @@ from uqvlm.settings import ActiveDataSettings, ActiveLearningSettings, RunSettin
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import ensure_hessian_data, fit_posteriors
 
-ZERO_SHOT = "zero-shot"
 ROW_COLUMNS = [
     "strategy",
     "budget",
@@ -47,19 +50,9 @@ ROW_COLUMNS = [
     "select_s",
     "finished",
 ]
-TABLE_COLUMNS = [
-    "strategy",
-    "budget",
-    "acc_mean",
-    "acc_std",
-    "nll_mean",
-    "ece_mean",
-    "seeds",
-    "map_acc_mean",
-    "map_acc_std",
-    "map_nll_mean",
-    "map_ece_mean",
-]
+TABLE_COLUMNS = table_columns()
+# The fine-tuning search's output (scripts/finetune_search.py) next to the table, when there is one.
+SEARCH_STEM = "finetune_search"
 
 
 def _slug(text: str) -> str:
@@ -146,22 +139,8 @@ class Evaluator:
 
 
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean / std (over seeds, population std) per (strategy, budget), in STRATEGIES order."""
-    g = rows.groupby(["strategy", "budget"], sort=False)
-    table = g.agg(
-        acc_mean=("acc", "mean"),
-        acc_std=("acc", lambda x: float(x.std(ddof=0))),
-        nll_mean=("nll", "mean"),
-        ece_mean=("ece", "mean"),
-        seeds=("seed", "nunique"),
-        map_acc_mean=("map_acc", "mean"),
-        map_acc_std=("map_acc", lambda x: float(x.std(ddof=0))),
-        map_nll_mean=("map_nll", "mean"),
-        map_ece_mean=("map_ece", "mean"),
-    ).reset_index()
-    order = {s: i for i, s in enumerate([ZERO_SHOT, *STRATEGIES])}
-    table["_o"] = table["strategy"].map(lambda s: order.get(s, len(order)))
-    return table.sort_values(["_o", "budget"]).drop(columns="_o")[TABLE_COLUMNS].reset_index(drop=True)
+    """Seeds, mean and 95% t-interval per (strategy, budget), in STRATEGIES order (uqvlm.active.curves)."""
+    return aggregate_rows(rows, STRATEGIES)
 
 
 def read_rows(directory: Path) -> pd.DataFrame:
@@ -174,35 +153,73 @@ def read_rows(directory: Path) -> pd.DataFrame:
 
 
 def plot_curves(table: pd.DataFrame, path: Path, title: str) -> None:
-    """Accuracy (std band over seeds) and NLL vs budget per strategy; zero-shot as a dashed line."""
+    """Accuracy and NLL (BayesVLM predictive) against the budget per strategy, each with its 95% interval
+    over seeds as a band (the style of the paper's Fig. 4); zero-shot as a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
-    ax_acc, ax_nll = fig.subplots(1, 2)
+    axes = dict(zip(("acc", "nll"), fig.subplots(1, 2), strict=True))
     curves = table[table.strategy != ZERO_SHOT]
     for strategy, g in curves.groupby("strategy", sort=False):
         g = g.sort_values("budget")
-        line = ax_acc.plot(g.budget, g.acc_mean, marker="o", label=strategy)[0]
-        ax_acc.fill_between(
-            g.budget, g.acc_mean - g.acc_std, g.acc_mean + g.acc_std, color=line.get_color(), alpha=0.15
-        )
-        ax_nll.plot(g.budget, g.nll_mean, marker="o", color=line.get_color(), label=strategy)
+        color = None
+        for metric, ax in axes.items():
+            line = ax.plot(g.budget, g[f"{metric}_mean"], marker="o", color=color, label=strategy)[0]
+            color = line.get_color()
+            ax.fill_between(g.budget, g[f"{metric}_lo"], g[f"{metric}_hi"], color=color, alpha=0.15, lw=0)
     zs = table[table.strategy == ZERO_SHOT]
-    if len(zs):
-        ax_acc.axhline(float(zs.acc_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
-        ax_nll.axhline(float(zs.nll_mean.iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
-    for ax, what in ((ax_acc, "test accuracy (BayesVLM)"), (ax_nll, "test NLL (BayesVLM)")):
+    for metric, ax in axes.items():
+        if len(zs):
+            ax.axhline(float(zs[f"{metric}_mean"].iloc[0]), color="grey", ls="--", label=ZERO_SHOT)
+        ax.set_xscale("log")
         ax.set_xticks(sorted(curves.budget.unique()))
+        ax.set_xticklabels([str(b) for b in sorted(curves.budget.unique())])
         ax.set_xlabel("labelled budget")
-        ax.set_ylabel(what)
+        ax.set_ylabel(f"test {'accuracy' if metric == 'acc' else 'NLL'} (BayesVLM)")
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
-    fig.suptitle(title)
+    axes["acc"].legend(fontsize=8)
+    fig.suptitle(f"{title} (bands: {LEVEL:.0%} t-interval over seeds)")
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
+
+
+def search_note(finetune: FinetuneConfig, search: dict[str, Any] | None) -> str:
+    """How the fine-tuning settings relate to the fine-tuning search next to the table (if any)."""
+    if search is None:
+        return "."
+    if (search["lr"], search["epochs"]) == (finetune.lr, finetune.epochs):
+        return f"; chosen on the target's validation split, see `{SEARCH_STEM}.md`."
+    return f"; not the choice of `{SEARCH_STEM}.md` (lr {search['lr']:g}, {search['epochs']} epochs)."
+
+
+def summary_markdown(
+    table: pd.DataFrame, title: str, finetune: FinetuneConfig, search: dict[str, Any] | None
+) -> str:
+    """The learning curves in plain words: which strategies beat random beyond the intervals, where."""
+    seeds = sorted(set(table.loc[table.strategy != ZERO_SHOT, "seeds"]))
+    zs = table[table.strategy == ZERO_SHOT]
+    lines = [
+        f"# {title}",
+        "",
+        f"Mean over seeds ({', '.join(map(str, seeds))} per strategy and budget) with a {LEVEL:.0%} Student-t "
+        "interval; test split of the target domain, BayesVLM predictive (the `map_*` columns of the table: "
+        "MAP predictive).",
+        "",
+        f"Fine-tuning (`task.finetune`): AdamW lr {finetune.lr:g}, weight decay {finetune.weight_decay:g}, "
+        f"{finetune.epochs} epochs, batch {finetune.batch_size}, the epoch with the lowest validation loss "
+        f"kept among {'0' if finetune.include_pretrained else '1'}..{finetune.epochs}"
+        + search_note(finetune, search),
+        "",
+    ]
+    if len(zs):
+        lines += [f"Zero-shot: accuracy {zs.acc_mean.iloc[0]:.4f}, NLL {zs.nll_mean.iloc[0]:.4f}.", ""]
+    lines += ["A strategy beats random at a budget when its interval lies entirely beyond random's:", ""]
+    lines += comparison_lines(table, "acc", "accuracy")
+    lines += comparison_lines(table, "nll", "NLL")
+    return "\n".join(lines) + "\n"
 
 
 def _subset(feats: Features, idx: torch.Tensor) -> Features:
@@ -233,11 +250,44 @@ def finished_record(settings: RunSettings) -> Path | None:
     return None
 
 
-def run(settings: RunSettings) -> TaskResult:
+@dataclass
+class Study:
+    """What every job of one setup shares: the model, the pool and target data, the class text features,
+    the fitted posteriors (with their cache identity) and the acquisition problem built from them."""
+
+    model: LoadedModel
+    data: DomainData
+    text: Features
+    posts: dict[str, Any]
+    post_ident: dict[str, Any]
+    problem: ActiveProblem
+
+    @property
+    def map_layer(self) -> LastLayer:
+        """The pre-trained image last layer (the posteriors' mean)."""
+        return self.posts["image"].last_layer
+
+    def finetune(self, indices: Tensor, cfg: FinetuneConfig, seed: int, strategy: str) -> FinetuneResult:
+        """The pre-trained layer fine-tuned on the pool points ``indices`` (shuffles seeded by the seed,
+        the strategy and the budget), epochs selected on the target's validation split."""
+        data, vlm = self.data, self.model.vlm
+        return finetune_image_layer(
+            self.map_layer,
+            _subset(data.pool, indices),
+            data.pool_labels[indices],
+            data.val,
+            data.val_labels,
+            self.text.embeddings,
+            vlm.logit_scale,
+            vlm.logit_bias,
+            cfg,
+            make_generator(seed, "finetune", strategy, str(len(indices))),
+        )
+
+
+def prepare(settings: RunSettings, dirs: RunDirs) -> Study:
+    """Load (from the caches, or compute) everything a job needs before it selects and fine-tunes."""
     task = settings.task
-    dirs = prepare_dirs(settings.paths)
-    strategies, budgets, seeds = task.strategies, task.budgets, task.seeds
-    acq, ft_cfg = task.acquisition(), task.finetune
     model = load_model(settings, dirs)
     ensure_hessian_data(settings, model, dirs)
     vlm = model.vlm
@@ -252,11 +302,22 @@ def run(settings: RunSettings) -> TaskResult:
         precision=model.precision,
     )
     posts, post_ident = fit_posteriors(settings.hessian_data, model, dirs, task.structure)
-    evaluate = Evaluator(settings, data, text, vlm, posts)  # sets n and the prior precision first
     problem = ActiveProblem(
         data.pool, data.target, text, vlm.logit_scale, vlm.logit_bias, posts["image"], posts["text"]
     )
-    map_layer = posts["image"].last_layer
+    return Study(model, data, text, posts, post_ident, problem)
+
+
+def run(settings: RunSettings) -> TaskResult:
+    task = settings.task
+    dirs = prepare_dirs(settings.paths)
+    strategies, budgets, seeds = task.strategies, task.budgets, task.seeds
+    acq, ft_cfg = task.acquisition(), task.finetune
+    study = prepare(settings, dirs)
+    model, data, text, posts, post_ident = study.model, study.data, study.text, study.posts, study.post_ident
+    vlm = model.vlm
+    evaluate = Evaluator(settings, data, text, vlm, posts)  # sets n and the prior precision first
+    problem, map_layer = study.problem, study.map_layer
     console.print(
         f"pool {len(data.pool)} ({', '.join(data.pool_domains)}), target {data.target_labels.numel()} test / "
         f"{data.val_labels.numel()} val, {len(data.classnames)} classes; prior precision "
@@ -279,19 +340,7 @@ def run(settings: RunSettings) -> TaskResult:
                 bar.advance(bar_task)
                 for budget in budgets:
                     bar.update(bar_task, description=f"{strategy} seed {seed}: fine-tuning on {budget}")
-                    idx = sel.indices[:budget]
-                    result = finetune_image_layer(
-                        map_layer,
-                        _subset(data.pool, idx),
-                        data.pool_labels[idx],
-                        data.val,
-                        data.val_labels,
-                        text.embeddings,
-                        vlm.logit_scale,
-                        vlm.logit_bias,
-                        ft_cfg,
-                        make_generator(seed, "finetune", strategy, str(budget)),
-                    )
+                    result = study.finetune(sel.indices[:budget], ft_cfg, seed, strategy)
                     row = {"strategy": strategy, "budget": budget, "seed": seed, **evaluate(result.layer)}
                     rows.append(
                         {
@@ -321,13 +370,23 @@ def run(settings: RunSettings) -> TaskResult:
 
     table = aggregate(read_rows(rows_dir))
     title = f"active learning {dataset_slug(task.data)} / {settings.model.name}"
+    search_path = out_dir / f"{SEARCH_STEM}.json"
+    search = json.loads(search_path.read_text()) if search_path.exists() else None
     provenance = {
         "job_rows": str(rows_dir),
         "posterior": post_ident,
         "model": model.identity,
-        "columns": "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; std over seeds (ddof=0)",
+        "columns": (
+            "acc/nll/ece: BayesVLM predictive; map_*: MAP predictive; <metric>_mean over seeds, "
+            f"<metric>_lo/_hi: {LEVEL:.0%} Student-t interval for the mean"
+        ),
+        "finetune_search": search,
     }
     paths = write_results(table, out_dir, stem, title=title, config=settings.config, provenance=provenance)
     plot_curves(table, out_dir / f"{stem}.png", title)
+    summary = summary_markdown(table, title, task.finetune, search)
+    with atomic_write(out_dir / f"{stem}.summary.md", "w") as f:
+        f.write(summary)
+    console.print(summary)
     console.print(f"learning curves: {out_dir / f'{stem}.png'}")
     return TaskResult(table, None, paths["record"])

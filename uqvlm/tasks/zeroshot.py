@@ -12,14 +12,16 @@ import torch
 from uqvlm.console import console
 from uqvlm.data.augment import AugmentedView
 from uqvlm.data.registry import build_zeroshot_dataset
+from uqvlm.data.sections import PublishedFactorsSettings
 from uqvlm.errors import DatasetFormatError, DataUnavailableError, UqvlmError
 from uqvlm.extraction import encode_prompts
-from uqvlm.methods import BayesVLM, Method, ZeroShotContext
+from uqvlm.methods import AdapterFit, BayesVLM, Method, ZeroShotContext
 from uqvlm.metrics import METRIC_COLUMNS, evaluate_log_probs, negative_log_likelihood
 from uqvlm.results import model_slug, record_path, write_results
 from uqvlm.settings import RunSettings
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import ensure_hessian_data, fit_posteriors, on_device
+from uqvlm.tasks.probvlm import CachedPairAdapters
 
 
 def output_location(settings: RunSettings) -> tuple[Path, str]:
@@ -33,10 +35,15 @@ def finished_record(settings: RunSettings) -> Path | None:
 
 
 def selected_methods(settings: RunSettings) -> dict[str, Method]:
-    """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out."""
+    """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out, and
+    minus rows trained on image-caption pairs (ProbVLM) when the Hessian data are published factors."""
     structures = set(settings.task.fitted_structures(settings.posterior))
-    methods = settings.task.methods
-    return {name: m for name, m in methods.items() if m.structure is None or m.structure in structures}
+    no_pairs = isinstance(settings.hessian_data, PublishedFactorsSettings)
+    return {
+        name: m
+        for name, m in settings.task.methods.items()
+        if (m.structure is None or m.structure in structures) and not (m.needs_pairs and no_pairs)
+    }
 
 
 def _features(dataset_name: str, model: LoadedModel, dirs: RunDirs, dataset, what: str):
@@ -144,6 +151,13 @@ def load_evaluation(
         provenance["posteriors"][structure] = ident
         return {tower: on_device(post, device) for tower, post in posts.items()}
 
+    adapter_sources: dict[AdapterFit, CachedPairAdapters] = {}
+
+    def probvlm_adapters(fit: AdapterFit) -> CachedPairAdapters:
+        if fit not in adapter_sources:
+            adapter_sources[fit] = CachedPairAdapters(settings.hessian_data, model, dirs, fit)
+        return adapter_sources[fit]
+
     ctx = ZeroShotContext(
         logit_scale=model.vlm.logit_scale,
         logit_bias=model.vlm.logit_bias,
@@ -154,6 +168,7 @@ def load_evaluation(
         validation_provider=validation,
         views_provider=views,
         posterior_provider=posteriors,
+        probvlm_provider=probvlm_adapters,
     )
     return ctx, provenance
 
