@@ -40,7 +40,7 @@ OFFICEHOME ?= /data/OfficeHomeDataset_10072016
 CC12M_ARGS ?=
 UQVLM := $(VENV)/bin/uqvlm
 reproduce: install
-	$(UQVLM) run experiment=paper_zeroshot hessian_data.root=$(LAION)
+	$(UQVLM) run experiment=paper_zeroshot hessian_data@task.pairs=laion400m task.pairs.root=$(LAION)
 	$(UQVLM) run -m experiment=paper_active_learning task/data=officehome task.data.root=$(OFFICEHOME) \
 		hessian_data.root=$(LAION)
 	$(UQVLM) run -m experiment=paper_active_learning task/data=imagenet-r-sketch hessian_data.root=$(LAION)

@@ -284,3 +284,27 @@ def test_every_data_option_binds_its_constructor(compose):
             inspect.signature(factory).bind(**kwargs)
         except TypeError as err:
             pytest.fail(f"{where}: {err}")
+
+
+def make_runs(target: str) -> list[list[str]]:
+    """The overrides of every `uqvlm run` line of a Makefile target, make's variables given values."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    recipe = text.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+    values = {"$(LAION)": "/data/laion400m", "$(OFFICEHOME)": "/data/officehome", "$(CC12M_ARGS)": ""}
+    runs = []
+    for line in recipe.splitlines()[1:]:
+        if " run " not in line:
+            continue
+        for var, value in values.items():
+            line = line.replace(var, value)
+        runs.append([a for a in line.split(" run ", 1)[1].split() if a != "-m"])
+    return runs
+
+
+@pytest.mark.parametrize("target", ["reproduce", "reproduce-offline"])
+def test_every_reproduce_step_composes_to_checked_settings(target, settings_of):
+    runs = make_runs(target)
+    assert len(runs) >= 9, runs
+    for overrides in runs:
+        settings = settings_of(*overrides)
+        assert settings.task.name, overrides

@@ -477,3 +477,21 @@ def test_probvlm_method_refuses_bad_settings(bad, match):
 
     with pytest.raises(ValueError, match=match):
         ProbVLM(**bad)
+
+
+def test_probvlm_trains_on_task_pairs_when_the_hessian_data_has_none(settings_of):
+    from uqvlm.data.sections import PublishedFactorsSettings
+    from uqvlm.tasks.zeroshot import pair_data, selected_methods
+
+    # A paper model's default Hessian data are the published factors: no pairs, so ProbVLM's rows drop ...
+    published = settings_of("dataset=food101")
+    assert isinstance(published.hessian_data, PublishedFactorsSettings)
+    assert not {"probvlm", "probvlm-probit"} & set(selected_methods(published))
+    # ... unless task.pairs names pair data, which they then train on (the posteriors keep the factors).
+    with_pairs = settings_of("dataset=food101", "hessian_data@task.pairs=laion400m", "task.pairs.root=/data/x")
+    assert isinstance(with_pairs.hessian_data, PublishedFactorsSettings)
+    assert pair_data(with_pairs).name == "laion400m" and pair_data(with_pairs).section["root"] == "/data/x"
+    assert {"probvlm", "probvlm-probit"} <= set(selected_methods(with_pairs))
+    # The shapes world: task.pairs, when set, wins over the run's own pairs.
+    assert pair_data(settings_of()).name == "shapes"
+    assert pair_data(settings_of("hessian_data@task.pairs=shapes-proxy")).name == "shapes-proxy"

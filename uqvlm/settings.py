@@ -225,9 +225,16 @@ class ZeroShotSettings:
     methods: Mapping[str, Method] = field(metadata={"schema": Schema.METHODS})
     plots: bool = True
     objective: Objective | None = None
+    # The image-caption pairs ProbVLM trains on when they are not the run's hessian_data (a hessian_data
+    # option, chosen with hessian_data@task.pairs=<option>): with published factors, which have no pairs.
+    pairs: Mapping[str, Any] | HessianDataSettings | None = field(
+        default=None, metadata={"schema": Schema.PAIR_DATA}
+    )
 
     def __post_init__(self) -> None:
         _set(self, "ece_bins", check_positive_int("task.ece_bins", self.ece_bins, ConfigError))
+        if self.pairs is not None and not isinstance(self.pairs, PairDataSettings | PublishedFactorsSettings):
+            _set(self, "pairs", hessian_data_settings(self.pairs, "task.pairs"))
         if not isinstance(self.methods, Mapping):
             raise ConfigError(f"task.methods must be a section of methods, got {self.methods!r}")
         _set(

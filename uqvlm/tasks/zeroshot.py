@@ -34,11 +34,17 @@ def finished_record(settings: RunSettings) -> Path | None:
     return path if path.exists() else None
 
 
+def pair_data(settings: RunSettings):
+    """The image-caption pairs ProbVLM trains on: ``task.pairs`` when set, else the run's Hessian data."""
+    return settings.task.pairs if settings.task.pairs is not None else settings.hessian_data
+
+
 def selected_methods(settings: RunSettings) -> dict[str, Method]:
     """The configured methods, minus BayesVLM rows whose structure the posterior config leaves out, and
-    minus rows trained on image-caption pairs (ProbVLM) when the Hessian data are published factors."""
+    minus rows trained on image-caption pairs (ProbVLM) when there are none (published factors and no
+    ``task.pairs``)."""
     structures = set(settings.task.fitted_structures(settings.posterior))
-    no_pairs = isinstance(settings.hessian_data, PublishedFactorsSettings)
+    no_pairs = isinstance(pair_data(settings), PublishedFactorsSettings)
     return {
         name: m
         for name, m in settings.task.methods.items()
@@ -155,7 +161,8 @@ def load_evaluation(
 
     def probvlm_adapters(fit: AdapterFit) -> CachedPairAdapters:
         if fit not in adapter_sources:
-            adapter_sources[fit] = CachedPairAdapters(settings.hessian_data, model, dirs, fit)
+            adapter_sources[fit] = CachedPairAdapters(pair_data(settings), model, dirs, fit)
+            provenance["probvlm_pairs"] = pair_data(settings).name
         return adapter_sources[fit]
 
     ctx = ZeroShotContext(
