@@ -54,7 +54,7 @@ reproduce: install
 	$(UQVLM) report
 
 # The same protocol on the offline shapes world (the tiny CLIP), every study's offline twin, and the
-# report: refreshes the committed results/ (about 5 minutes on 2 CPU cores with the tiny model cached).
+# report: refreshes the committed results/ (README: how long it takes).
 OFFLINE := HF_HUB_OFFLINE=1 $(UQVLM)
 reproduce-offline: install
 	$(OFFLINE) run experiment=offline_zeroshot

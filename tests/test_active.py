@@ -764,7 +764,7 @@ def test_offline_finetune_config_is_the_committed_search_choice(settings_of):
     and the study's summary says so."""
     import json
 
-    out = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch+pool"
+    out = Path(__file__).resolve().parents[1] / "results" / "active_learning" / "shapes-sketch"
     chosen = json.loads((out / "finetune_search.json").read_text())
     ft = settings_of("experiment=offline_active_learning").task.finetune
     assert (ft.lr, ft.epochs) == (chosen["lr"], chosen["epochs"])

@@ -179,7 +179,7 @@ def test_uncertainty_error_bins_before_and_after_fine_tuning(run_experiment, res
         "task.bins=5",
         *SMALL[1:],
     )
-    directory = results / "uncertainty_error" / "shapes-sketch+pool"
+    directory = results / "uncertainty_error" / "shapes-sketch"
     table = pd.read_csv(directory / "uqvlm-tiny.csv")
     assert list(dict.fromkeys(table["predictive"])) == ["zero-shot", "random (20)"]
     for _, g in table.groupby("predictive"):

@@ -60,9 +60,10 @@ def _slug(text: str) -> str:
 
 
 def dataset_slug(data: ActiveDataSettings) -> str:
-    """``<data>-<target>`` (``+pool`` when the target's train split is in the pool)."""
+    """``<data>-<target>``, lower case, spaces as dashes, when the target's train split is in the pool (as
+    in the published protocols); ``<data>-<target>-pool-without-target`` when it is not."""
     base = f"{_slug(data.name)}-{_slug(data.target)}"
-    return base + ("+pool" if data.include_target_in_pool else "")
+    return base + ("" if data.include_target_in_pool else "-pool-without-target")
 
 
 def _load_data(task: ActiveLearningSettings, model: LoadedModel, dirs: RunDirs) -> DomainData:

@@ -25,8 +25,9 @@ from uqvlm.extraction import encode_prompts
 from uqvlm.features import Features
 from uqvlm.methods import BayesVLM, ZeroShotContext
 from uqvlm.results import model_slug
-from uqvlm.settings import ActiveDataSettings, RunSettings, UncertaintyErrorSettings
+from uqvlm.settings import RunSettings, UncertaintyErrorSettings
 from uqvlm.studies.uncertainty_error import error_by_uncertainty, plot_uncertainty_error
+from uqvlm.tasks.active_learning import dataset_slug
 from uqvlm.tasks.common import LoadedModel, RunDirs, TaskResult, extract_features, load_model, prepare_dirs
 from uqvlm.tasks.hessian import fit_posteriors
 from uqvlm.tasks.study import finished_at, scores, write_study
@@ -36,15 +37,9 @@ ZERO_SHOT = "zero-shot"
 XLABELS = {"entropy": "predictive entropy (nats)", "one_minus_max": "1 - max probability"}
 
 
-def data_slug(data: ActiveDataSettings) -> str:
-    """``<data>-<target>``, lower case, spaces as dashes (as the active-learning results name it)."""
-    slug = f"{data.name} {data.target}".lower().replace("_", " ")
-    return "-".join(slug.split()) + ("+pool" if data.include_target_in_pool else "")
-
-
 def output_location(settings: RunSettings) -> tuple[Path, str]:
     task: UncertaintyErrorSettings = settings.task
-    return Path(settings.paths.results_dir) / STUDY / data_slug(task.data), model_slug(settings.model)
+    return Path(settings.paths.results_dir) / STUDY / dataset_slug(task.data), model_slug(settings.model)
 
 
 def finished_record(settings: RunSettings) -> Path | None:
@@ -145,7 +140,7 @@ def run(settings: RunSettings) -> TaskResult:
         )
     table = pd.DataFrame(rows)
     directory, stem = output_location(settings)
-    title = f"uncertainty vs error {data_slug(task.data)} / {settings.model.name}"
+    title = f"uncertainty vs error {dataset_slug(task.data)} / {settings.model.name}"
     plot_uncertainty_error(curves, directory / f"{stem}.png", xlabel=XLABELS[task.uncertainty], title=title)
     provenance = {
         "model": model.identity,
