@@ -488,7 +488,9 @@ def test_probvlm_trains_on_task_pairs_when_the_hessian_data_has_none(settings_of
     assert isinstance(published.hessian_data, PublishedFactorsSettings)
     assert not {"probvlm", "probvlm-probit"} & set(selected_methods(published))
     # ... unless task.pairs names pair data, which they then train on (the posteriors keep the factors).
-    with_pairs = settings_of("dataset=food101", "hessian_data@task.pairs=laion400m", "task.pairs.root=/data/x")
+    with_pairs = settings_of(
+        "dataset=food101", "hessian_data@task.pairs=laion400m", "task.pairs.root=/data/x"
+    )
     assert isinstance(with_pairs.hessian_data, PublishedFactorsSettings)
     assert pair_data(with_pairs).name == "laion400m" and pair_data(with_pairs).section["root"] == "/data/x"
     assert {"probvlm", "probvlm-probit"} <= set(selected_methods(with_pairs))
