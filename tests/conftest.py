@@ -39,6 +39,21 @@ def compose():
     return _compose
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(cfg)``: runs the composed config's task as ``uqvlm run`` would, expects the project's
+    one-line error (exit status 2) and returns the output, whitespace collapsed."""
+    from uqvlm import cli
+
+    def run(cfg) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.task_main(cfg)
+        assert exit_info.value.code == 2
+        return " ".join(capsys.readouterr().out.split())
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def settings_of():
     """``settings_of(*overrides)``: the checked settings of that config, as a task receives them."""

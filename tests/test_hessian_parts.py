@@ -127,9 +127,7 @@ def test_a_part_killed_midway_resumes_from_its_finished_batches(settings_for, mo
     _assert_same_posteriors(merged, _whole_data_posteriors(settings, model, dirs, "kfac"), "kfac")
 
 
-def test_merge_refuses_missing_parts_and_parts_of_another_config(settings_for, compose, tmp_path, capsys):
-    from uqvlm import cli
-
+def test_merge_refuses_missing_parts_and_parts_of_another_config(settings_for, compose, tmp_path, cli_error):
     ours = settings_for()
     dirs = prepare_dirs(ours.paths)
     model = load_model(ours, dirs)
@@ -146,10 +144,7 @@ def test_merge_refuses_missing_parts_and_parts_of_another_config(settings_for, c
         f"hessian_data.class_batch={CLASS_BATCH}",
         f"hessian_data.num_parts={PARTS}",
     )
-    with pytest.raises(SystemExit) as exit_info:
-        cli.task_main(cfg)
-    assert exit_info.value.code == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = cli_error(cfg)
     assert "2 of 6 class batches have no partial sums yet" in out and "for parts [2]" in out
     # Another config (other pairs: another seed of the shapes world) computes the missing batches ...
     theirs = settings_for("hessian_data.seed=1")

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from uqvlm import cli
 from uqvlm.cli import run_task
 
 NAMES = ["apple", "banana", "cherry"]
@@ -71,7 +70,7 @@ def test_zeroshot_on_saved_hf_dataset_with_hessian_from_local_shards(
     assert len(list((tmp_path / "cache" / "posteriors").glob("*.pt"))) == 2
 
 
-def test_real_model_and_dataset_fail_fast_offline(tmp_path, capsys, monkeypatch, compose, connections):
+def test_real_model_and_dataset_fail_fast_offline(tmp_path, cli_error, monkeypatch, compose, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     cfg = compose(
@@ -80,10 +79,7 @@ def test_real_model_and_dataset_fail_fast_offline(tmp_path, capsys, monkeypatch,
         f"paths.cache_dir={tmp_path}/c",
         f"paths.results_dir={tmp_path}/r",
     )
-    with pytest.raises(SystemExit) as exit_info:
-        cli.task_main(cfg)
-    assert exit_info.value.code == 2
-    out = " ".join(capsys.readouterr().out.split())
+    out = cli_error(cfg)
     assert "clip-benchmark/wds_imagenet-r" in out and "HF_HOME" in out
     assert connections == []  # offline: no network, and nothing computed before the message
     assert not (tmp_path / "c" / "features").exists()

@@ -184,9 +184,7 @@ def test_posterior_cache_of_another_model_is_refused(fresh_cache, tmp_path):
         ("dataset.n=0", "empty"),
     ],
 )
-def test_bad_settings_fail_fast_with_a_clear_message(tmp_path, override, message, capsys, compose):
-    from uqvlm import cli
-
+def test_bad_settings_fail_fast_with_a_clear_message(tmp_path, override, message, cli_error, compose):
     overrides = [
         f"paths.cache_dir={tmp_path}/cache",
         f"paths.results_dir={tmp_path}/results",
@@ -195,10 +193,7 @@ def test_bad_settings_fail_fast_with_a_clear_message(tmp_path, override, message
     if override.startswith("hessian_data"):
         overrides.append("posterior=bayesvlm")
     cfg = compose(*overrides)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.task_main(cfg)
-    assert exit_info.value.code == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    assert message in cli_error(cfg)
     assert not (tmp_path / "cache" / "models").exists(), "nothing may be computed before the check"
     assert not (tmp_path / "cache" / "posteriors").exists()
 
