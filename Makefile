@@ -55,17 +55,19 @@ reproduce: install
 
 # The same protocol on the offline shapes world (the tiny CLIP), every study's offline twin, and the
 # report: refreshes the committed results/ (README: how long it takes).
+# skip_existing=false: every run is redone (a plain multirun skips configs it has finished).
 OFFLINE := HF_HUB_OFFLINE=1 $(UQVLM)
+REFRESH := skip_existing=false
 reproduce-offline: install
-	$(OFFLINE) run experiment=offline_zeroshot
-	$(OFFLINE) run experiment=offline_active_learning
-	$(OFFLINE) run experiment=offline_overhead
-	$(OFFLINE) run experiment=offline_corruption
-	$(OFFLINE) run experiment=offline_probcosine
-	$(OFFLINE) run experiment=offline_hessian_size
-	$(OFFLINE) run experiment=offline_proxy_data
-	$(OFFLINE) run experiment=offline_prior_grid
-	$(OFFLINE) run experiment=offline_uncertainty_error
+	$(OFFLINE) run experiment=offline_zeroshot $(REFRESH)
+	$(OFFLINE) run experiment=offline_active_learning $(REFRESH)
+	$(OFFLINE) run experiment=offline_overhead $(REFRESH)
+	$(OFFLINE) run experiment=offline_corruption $(REFRESH)
+	$(OFFLINE) run experiment=offline_probcosine $(REFRESH)
+	$(OFFLINE) run experiment=offline_hessian_size $(REFRESH)
+	$(OFFLINE) run experiment=offline_proxy_data $(REFRESH)
+	$(OFFLINE) run experiment=offline_prior_grid $(REFRESH)
+	$(OFFLINE) run experiment=offline_uncertainty_error $(REFRESH)
 	$(UQVLM) report
 
 tables: install
