@@ -349,8 +349,11 @@ def test_fused_rank1_probit_equals_probit_of_the_full_variance_moments(
     log_scale = math.log(30.0)
     mean, var = probcosine_logits(mg, c[:, None] * b[None, :], mh, e[:, None] * f[None, :], log_scale, bias)
     want = probit_log_probs(mean, var)
+    inputs = [t.clone() for t in (mg, c, b, mh, e, f)]
     got = probit_log_probs_rank1(mg, c, b, mh, e, f, log_scale, bias, chunk_rows=chunk_rows)
     assert got.shape == (n, 4) and got.dtype == torch.float64
+    for before, after in zip(inputs, (mg, c, b, mh, e, f), strict=True):  # the caller's tensors untouched
+        assert torch.equal(before, after)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="txt_scale"):
         probit_log_probs_rank1(mg, c, b, mh, -e - 1, f, log_scale)

@@ -72,13 +72,17 @@ def model_device(model: Any, requested: str | torch.device | None = None, what: 
 @contextlib.contextmanager
 def _ieee_convolutions() -> Iterator[None]:
     """cuDNN convolutions in IEEE float32 for the duration (torch's default for them is TF32)."""
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
-    conv.fp32_precision = "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9's precision API
+        owner, attr, ieee = conv, "fp32_precision", "ieee"
+    else:
+        owner, attr, ieee = torch.backends.cudnn, "allow_tf32", False
+    before = getattr(owner, attr)
+    setattr(owner, attr, ieee)
     try:
         yield
     finally:
-        conv.fp32_precision = before
+        setattr(owner, attr, before)
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -202,7 +202,7 @@ class BayesVLM(Method):
         mean, var = self.logit_moments(ctx, image, posts)
         if self.predictive == "mc":
             return mc_log_probs(
-                mean, var, samples=self.samples, generator=torch.Generator().manual_seed(self.seed)
+                mean, var, samples=self.samples, generator=torch.Generator(mean.device).manual_seed(self.seed)
             )
         return probit_log_probs(mean, var).double()
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from uqvlm.validation import check_tensor
+from uqvlm.validation import check_positive_int, check_tensor
 
 # Bytes of one row chunk of the fused predictive's elementwise passes. Few large chunks: every pass is a
 # parallel region that waits for all its threads, and on a shared CPU many small regions cost more than
@@ -161,10 +161,8 @@ def probit_log_probs_rank1(
     scale.
     """
     dtype = _check_rank1_inputs(img_mean, img_scale, img_dir, txt_mean, txt_scale, txt_dir)
-    if chunk_rows is not None and (
-        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
-    ):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        check_positive_int("chunk_rows", chunk_rows)
     s = math.exp(float(logit_scale))
     bias = 0.0 if logit_bias is None else float(logit_bias)
     if not math.isfinite(s) or not math.isfinite(bias):
@@ -199,7 +197,7 @@ def probit_log_probs_rank1(
         # var_nk = left_n0 col_k0 + left_n1 col_k1 (see _rank1_terms)
         left0 = (r_g * (sq_mg @ f + b_dot_f * cg))[:, None]
         left1 = (cg * r_g)[:, None]
-        torch.mm(mg.mul_(r_g.sqrt()[:, None]), h_t, out=out[first:last])
+        torch.mm(mg * r_g.sqrt()[:, None], h_t, out=out[first:last])
         if bias:
             out[first:last].add_(bias)
         for start in range(first, last, chunk_rows):

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from uqvlm.active.curves import LEVEL, ZERO_SHOT, comparison_lines, table_columns
+from uqvlm.active.curves import LEVEL, ZERO_SHOT, comparison_lines
 from uqvlm.active.curves import aggregate as aggregate_rows
 from uqvlm.active.domains import DomainData, build_domain_data
 from uqvlm.active.finetune import FinetuneConfig, FinetuneResult, embed, finetune_image_layer
@@ -50,7 +50,6 @@ ROW_COLUMNS = [
     "select_s",
     "finished",
 ]
-TABLE_COLUMNS = table_columns()
 # The fine-tuning search's output (scripts/finetune_search.py) next to the table, when there is one.
 SEARCH_STEM = "finetune_search"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,23 @@ class LoadedModel:
     vlm: Any
     identity: dict[str, Any]
     precision: str
-    batch_size: int
+    # model.batch_size: a size, or ``auto``
+    batch_setting: int | str
     num_workers: int = 0
 
     @property
     def device(self) -> torch.device:
         return device_of(self.vlm)
+
+    @cached_property
+    def batch_size(self) -> int:
+        """The extraction batch: ``auto`` is the largest that fits on CUDA, probed at the first use (a task
+        that never extracts never probes), and ``CPU_BATCH`` on the CPU."""
+        if self.batch_setting != AUTO:
+            return int(self.batch_setting)
+        if self.device.type != "cuda":
+            return CPU_BATCH
+        return largest_fitting_batch(self.vlm.encode_dummy)
 
 
 def load_model(settings: RunSettings, dirs: RunDirs) -> LoadedModel:
@@ -100,14 +112,11 @@ def load_model(settings: RunSettings, dirs: RunDirs) -> LoadedModel:
         vlm.channels_last()
     if settings.compile:
         vlm.compile()
-    batch_size = model.batch_size
-    if batch_size == AUTO:
-        batch_size = largest_fitting_batch(vlm.encode_dummy) if vlm.device.type == "cuda" else CPU_BATCH
     return LoadedModel(
         vlm,
         model_identity(model.name, pretrained, model.precision),
         model.precision,
-        batch_size,
+        model.batch_size,
         loader_workers(settings.num_workers, vlm.device),
     )
 

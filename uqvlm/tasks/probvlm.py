@@ -119,7 +119,7 @@ class CachedPairAdapters:
 
         entry = get_or_build(path, build, {"key": key})
         try:
-            return ProbVLMAdapters.from_state_dict(entry["adapters"])
+            return ProbVLMAdapters.from_state_dict(entry["adapters"]).to(self.device)
         except (KeyError, ValueError) as err:  # an entry another uqvlm version wrote
             raise UqvlmError(
                 f"the cached ProbVLM adapters {path} cannot be read ({err}); delete it (or the cache "
