@@ -174,3 +174,23 @@ def test_parts_cover_every_class_batch_once_in_order(n_batches, num_parts):
     assert [b for part in parts for b in part] == list(range(n_batches))
     sizes = [len(part) for part in parts]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_pair_features_reuse_the_parts_features(settings_for, monkeypatch):
+    """ProbVLM's pair features come from the entries the parts cached: equal to one extraction of all pairs,
+    and nothing is encoded again."""
+    from uqvlm import extraction
+
+    settings = settings_for()
+    dirs = prepare_dirs(settings.paths)
+    model = load_model(settings, dirs)
+    for part in range(PARTS):
+        hessian.fit_part(settings.hessian_data, model, dirs, "kfac", part)
+    pairs = build_pair_dataset(settings.hessian_data.section)
+    with monkeypatch.context() as patch:
+        patch.setattr(extraction, "_encode_batches", lambda *a, **k: pytest.fail("encoded again"))
+        feats = hessian.pair_features(pairs, settings.hessian_data, model, dirs)
+    whole = extract_features(model, dirs, pairs, "truth")  # one extraction of every pair, encoded now
+    for tower in ("image", "text"):
+        torch.testing.assert_close(feats[tower].embeddings, whole[tower].embeddings, rtol=1e-5, atol=1e-6)
+        assert len(feats[tower].embeddings) == N_PAIRS

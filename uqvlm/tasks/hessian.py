@@ -27,7 +27,7 @@ from uqvlm.data.base import PairRange
 from uqvlm.data.registry import build_pair_dataset
 from uqvlm.data.sections import HessianDataSettings, PairDataSettings, PublishedFactorsSettings
 from uqvlm.errors import ConfigError, DatasetFormatError, DataUnavailableError, UqvlmError
-from uqvlm.features import LastLayer
+from uqvlm.features import Features, LastLayer
 from uqvlm.laplace import KFACPosterior, Laplace, likelihood_for, load_published_factors
 from uqvlm.laplace.base import STATE_VERSION, LastLayerPosterior
 from uqvlm.published import FILES
@@ -132,6 +132,31 @@ def part_batches(n_batches: int, part: int, num_parts: int) -> range:
     return range(part * n_batches // num_parts, (part + 1) * n_batches // num_parts)
 
 
+def part_pairs(pairs, class_batch: int, part: int, num_parts: int):
+    """The pairs of ``part``'s class batches: a :class:`PairRange` (its own feature cache entry), or
+    ``pairs`` itself when the part holds them all."""
+    n = len(pairs)
+    batches = part_batches(math.ceil(n / class_batch), part, num_parts)
+    start, stop = batches.start * class_batch, min(batches.stop * class_batch, n)
+    return pairs if (start, stop) == (0, n) else PairRange(pairs, start, stop)
+
+
+def pair_features(
+    pairs, hessian_data: PairDataSettings, model: LoadedModel, dirs: RunDirs
+) -> dict[str, Features]:
+    """The features of every pair of ``pairs`` (built from ``hessian_data``), ``image`` and ``text``, read
+    from the entries the Hessian's parts cached (``hessian_data.num_parts``), so that nothing is encoded
+    twice; extracted where missing."""
+    k, name = hessian_data.num_parts, hessian_data.name
+    chunks = []
+    for part in range(k):
+        subset = part_pairs(pairs, hessian_data.class_batch, part, k)
+        if len(subset):
+            label = f"part {part} of {k}" if k > 1 else ""
+            chunks.append(extract_features(model, dirs, subset, f"{name} pairs {label}".rstrip()))
+    return {tower: Features.cat([c[tower] for c in chunks]) for tower in TOWERS}
+
+
 class _Estimate:
     """The estimation of one posterior (a structure, both towers) from image-caption pairs, map-reduced
     over class batches.
@@ -193,8 +218,8 @@ class _Estimate:
         if not todo:
             return
         n, size = len(self.pairs), self.class_batch
-        start, stop = batches.start * size, min(batches.stop * size, n)
-        pairs = self.pairs if (start, stop) == (0, n) else PairRange(self.pairs, start, stop)
+        start = batches.start * size
+        pairs = part_pairs(self.pairs, size, part, num_parts)
         name = self.hessian_data.name
         feats = extract_features(self.model, self.dirs, pairs, f"{name} pairs {label}".rstrip())
         with progress() as bar:

@@ -24,7 +24,8 @@ from uqvlm.devices import resolve_device
 from uqvlm.errors import ConfigError, UqvlmError
 from uqvlm.methods import AdapterFit
 from uqvlm.probvlm import STATE_VERSION, ProbVLMAdapters, fit_probvlm
-from uqvlm.tasks.common import LoadedModel, RunDirs, extract_features
+from uqvlm.tasks.common import LoadedModel, RunDirs
+from uqvlm.tasks.hessian import pair_features
 
 __all__ = ["CachedPairAdapters", "heldout_split"]
 
@@ -59,7 +60,7 @@ class CachedPairAdapters:
     @cached_property
     def _pairs(self) -> tuple[Tensor, Tensor, str]:
         pairs = build_pair_dataset(self.hessian_data.section)
-        feats = extract_features(self.model, self.dirs, pairs, f"{self.hessian_data.name} pairs")
+        feats = pair_features(pairs, self.hessian_data, self.model, self.dirs)
         return feats["image"].embeddings, feats["text"].embeddings, pairs.fingerprint()
 
     @cached_property
