@@ -199,7 +199,10 @@ def _pretrain(
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(model.state_dict(), tmp)
+        # Through a file object: torch.save names the archive's records after a path's file name (here a
+        # random temporary one), which would make equal weights different bytes, and so another cache key.
+        with open(tmp, "wb") as f:
+            torch.save(model.state_dict(), f)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the checkpoint is a shared cache artefact
         os.replace(tmp, out_path)
     except BaseException:
