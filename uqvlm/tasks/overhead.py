@@ -19,6 +19,7 @@ over models fills one table.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +28,7 @@ import torch
 from uqvlm.cache import atomic_write
 from uqvlm.console import console
 from uqvlm.data.registry import build_zeroshot_dataset
-from uqvlm.devices import resolve_device
+from uqvlm.devices import intra_op_threads, resolve_device
 from uqvlm.results import model_slug
 from uqvlm.settings import OverheadSettings, RunSettings
 from uqvlm.studies.overhead import (
@@ -83,21 +84,16 @@ def timings(vlm, pixels, features, text, posts, repeats: int, warmup: int) -> di
         "bayesvlm_features": lambda: bayesvlm_log_probs(features, text, posts, scale, bias),
     }
     device = pixels.device
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # On a shared CPU intra-op threads wait on each other at every op's barrier whenever another
-        # process holds a core, which slows small ops by an order of magnitude at random; one thread
-        # times both methods alike (the ratios are what the study reports).
-        torch.set_num_threads(1)
-    try:
+    # On a shared CPU intra-op threads wait on each other at every op's barrier whenever another process
+    # holds a core, which slows small ops by an order of magnitude at random; one thread times both
+    # methods alike (the ratios are what the study reports).
+    with intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext():
         for fn in fns.values():
             time_call(fn, repeats=1, device=device, warmup=warmup)
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
                 times[name].append(time_call(fn, repeats=1, device=device, warmup=0))
-    finally:
-        torch.set_num_threads(threads)
     return {name: min(t) for name, t in times.items()}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from uqvlm.active.curves import ZERO_SHOT
 from uqvlm.active.domains import DomainData, build_domain_data
 from uqvlm.active.finetune import embed, finetune_image_layer
 from uqvlm.active.strategies import ActiveProblem, make_generator, select
@@ -33,7 +34,6 @@ from uqvlm.tasks.hessian import fit_posteriors
 from uqvlm.tasks.study import finished_at, scores, write_study
 
 STUDY = "uncertainty_error"
-ZERO_SHOT = "zero-shot"
 XLABELS = {"entropy": "predictive entropy (nats)", "one_minus_max": "1 - max probability"}
 
 
